@@ -1,0 +1,84 @@
+"""Helpers shared by the chunked SSM ops: impl selection, shape checks, chunking and in-chunk decay.
+
+The chunked forms split [B, T, H, D] into [B, N, H, C, D] chunks (T zero-padded to N·C) and need, per chunk,
+the inclusive prefix G_t = Σ_{j≤t} g_j and the decay matrix M[t, s] = exp(Σ_{j=s+1..t} g_j) for s ≤ t (0 above
+the diagonal). M is built from segment sums, not from G_t − G_s, so a very negative prefix does not cancel away
+the precision of a short segment, and nothing is exponentiated outside the causal mask.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("reference", "chunked", "pallas", "auto")
+
+# Full-precision float32 matmuls (no TF32 on GPUs): the chunked forms are the accuracy reference for kernels.
+einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+
+
+def resolve_impl(op: str, impl: str) -> str:
+    """Map the user's impl choice to "reference" or "chunked"; Pallas kernels will slot in here."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "pallas":
+        raise ValueError(
+            f"{op}: Pallas kernels for {op} are not available yet; use impl='chunked' or 'reference'"
+        )
+    return "chunked" if impl == "auto" else impl
+
+
+def acc_dtype(*arrays) -> jnp.dtype:
+    """Accumulation dtype: float32, or float64 when the inputs are float64."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def check_qkv(op: str, q, k, v, gates: dict, initial_state, *, step: bool = False):
+    """Validate q, k [.., H, K], v [.., H, V], per-head gates [.., H] and a state [B, H, K, V].
+
+    Sequence ops use [B, T, H, D] layouts; decode steps (step=True) drop the T axis.
+    """
+    layout = "[B, H, K]" if step else "[B, T, H, K]"
+    if q.ndim != len(layout.split(",")):
+        raise ValueError(f"{op}: q has shape {q.shape}; expected {layout}")
+    if k.shape != q.shape:
+        raise ValueError(f"{op}: k has shape {k.shape} but q has {q.shape}; expected {layout}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"{op}: v has shape {v.shape} but q has {q.shape}; expected {layout[:-2]}V] with the same leading dims"
+        )
+    for name, gate in gates.items():
+        if gate.shape != q.shape[:-1]:
+            raise ValueError(f"{op}: {name} has shape {gate.shape}; expected {q.shape[:-1]} ({layout[:-3]}])")
+    if initial_state is not None:
+        want = (q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1])
+        if initial_state.shape != want:
+            raise ValueError(f"{op}: state has shape {initial_state.shape}; expected {want} ([B, H, K, V])")
+
+
+def to_chunks(x, chunk_size: int):
+    """[B, T, H, ...] → [B, N, H, C, ...], zero-padding T up to a multiple of C."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(b, n, chunk_size, *x.shape[2:])
+    return jnp.moveaxis(x, 2, 3)
+
+
+def from_chunks(x, t: int):
+    """[B, N, H, C, D] → [B, T, H, D], dropping the padding."""
+    b, n, h, c = x.shape[:4]
+    x = jnp.moveaxis(x, 3, 2).reshape(b, n * c, h, *x.shape[4:])
+    return x[:, :t]
+
+
+def chunk_decay(g):
+    """For log decays g [..., C]: the in-chunk prefix G [..., C] and the masked decay matrix M [..., C, C]."""
+    c = g.shape[-1]
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
+    # seg[t, s] = Σ_{j=s+1..t} g_j: cumulative sum down the rows of g_t masked to t > s (0 for s ≥ t, so the
+    # exp below never sees anything but a causal segment sum or 0).
+    seg = jnp.cumsum(jnp.where(strict, g[..., :, None], 0), axis=-2)
+    decay = jnp.where(causal, jnp.exp(seg), 0)
+    return jnp.cumsum(g, axis=-1), decay

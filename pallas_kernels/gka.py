@@ -1,0 +1,231 @@
+"""Gated KalmaNet (GKA): gated linear attention read through a ridge-regression solve.
+
+Per head the layer keeps two decayed statistics of the past (same log decay g for both):
+
+    H_t = e^{g_t} H_{t-1} + k_t k_tᵀ                  h_kk  [B, H, K, K]
+    h_kv_t = e^{g_t} h_kv_{t-1} + k_t v_tᵀ            h_kv  [B, H, K, V]
+
+h_kv is the transpose of SPEC §5's U_t (= Σ decayed v kᵀ), stored [K, V] like the simple_gla state.
+Each token solves (H_t + λ_t I) x_t = q_t with the relative ridge λ_t = r·‖H_t‖_F by a fixed number of
+Chebyshev iterations (spectrum bounds [λ, λ + ‖H‖_F], so no eigenvalue estimate is needed), blends
+q̃_t = q_t + α_t (x_t − q_t), and reads out o_t = scale·h_kv_tᵀ q̃_t. That read-out is simple gated linear
+attention with query q̃, so the chunked form only has to produce x: per chunk of C tokens it applies
+H_t = e^{G_t} H₀ + Σ_{s≤t} e^{G_t − G_s} k_s k_sᵀ implicitly from the chunk-start state H₀, all C rows at once.
+Gradients of the solve are implicit (one more Chebyshev solve with the transposed, here identical, operator),
+never the unrolled iterations.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, resolve_impl, to_chunks
+from pallas_kernels.simple_gla import simple_gla
+
+__all__ = ["gka", "gka_step"]
+
+
+def _safe_sqrt(x):
+    """sqrt with a zero (not infinite) gradient at 0, so all-zero keys give finite gradients."""
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1)), 0)
+
+
+def _chebyshev(apply_h, q, lam, f, num_iter):
+    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0."""
+    den = 2 * lam + f
+    gamma = jnp.where(den > 0, 2 / jnp.where(den > 0, den, 1), 0)
+    c = (f * gamma / 4) ** 2  # (ρ/2)², ρ = f / (2λ + f)
+
+    def body(_, carry):
+        x_prev, x, omega = carry
+        omega = 1 / (1 - c * omega)
+        x_new = omega * (x - gamma * (apply_h(x) + lam * x - q)) + (1 - omega) * x_prev
+        return x, x_new, omega
+
+    init = (jnp.zeros_like(q), gamma * q, jnp.full_like(c, 2))
+    return jax.lax.fori_loop(0, num_iter, body, init)[1]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ridge_solve(apply_h, num_iter, ops, lam, f, q):
+    """x ≈ (H(ops) + λI)⁻¹ q row by row; x = q where f = 0 (no keys yet: nothing to whiten against).
+
+    apply_h(ops, x) applies the symmetric PSD H (‖H‖₂ ≤ f) to every row of x. λ and f are [..., 1].
+    """
+    return _ridge_solve_fwd(apply_h, num_iter, ops, lam, f, q)[0]
+
+
+def _ridge_solve_fwd(apply_h, num_iter, ops, lam, f, q):
+    x = _chebyshev(partial(apply_h, ops), q, lam, f, num_iter)
+    x = jnp.where(f > 0, x, q)
+    return x, (ops, lam, f, x)
+
+
+def _ridge_solve_bwd(apply_h, num_iter, res, dx):
+    # x = A⁻¹q with A = H + λI symmetric: dq = A⁻¹dx, dA = −dq xᵀ, which reaches the operator's inputs as the
+    # VJP of ops ↦ H(ops)x at −dq, and λ as −dq·x. f only sets the Chebyshev constants: the exact solution does
+    # not depend on it (its true dependence on H is carried by λ = r·f outside this function).
+    ops, lam, f, x = res
+    has_keys = f > 0
+    dq = jnp.where(has_keys, _chebyshev(partial(apply_h, ops), dx, lam, f, num_iter), 0)
+    _, vjp = jax.vjp(lambda o: apply_h(o, x), ops)
+    (dops,) = vjp(-dq)
+    dlam = -jnp.sum(dq * x, axis=-1, keepdims=True)
+    return dops, dlam, jnp.zeros_like(f), jnp.where(has_keys, dq, dx)
+
+
+_ridge_solve.defvjp(_ridge_solve_fwd, _ridge_solve_bwd)
+
+
+def _apply_dense(h, x):
+    """H x for an explicit state h [..., K, K] and rows x [..., K]."""
+    return einsum("...jk,...k->...j", h, x)
+
+
+def _apply_chunk(ops, x):
+    """H_t x_t for every row of a chunk without forming H_t: e^{G_t} H₀x_t + Σ_s M[t,s] (k_s·x_t) k_s."""
+    h0, decay, mask_decay, k = ops
+    hx = einsum("...jk,...ck->...cj", h0, x)
+    xk = einsum("...ck,...sk->...cs", x, k) * mask_decay
+    return decay[..., None] * hx + einsum("...cs,...sk->...ck", xk, k)
+
+
+def _token_update(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter):
+    """One token of GKA in solver precision: q, k [..., K], v [..., V], alpha, g [...]."""
+    a = jnp.exp(g)[..., None, None]
+    h_kk = a * h_kk + k[..., :, None] * k[..., None, :]
+    h_kv = a * h_kv + k[..., :, None] * v[..., None, :]
+    f = _safe_sqrt(jnp.sum(h_kk * h_kk, axis=(-2, -1)))[..., None]
+    x = _ridge_solve(_apply_dense, num_iter, h_kk, ridge_strength * f, f, q)
+    q_tilde = q + alpha[..., None] * (x - q)
+    o = scale * einsum("...k,...kv->...v", q_tilde, h_kv)
+    return o, h_kk, h_kv
+
+
+def _reference(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter):
+    """Token-by-token recurrence with explicit H_t: the definition the chunked form is tested against."""
+    step = partial(_token_update, scale=scale, ridge_strength=ridge_strength, num_iter=num_iter)
+
+    def body(carry, xs):
+        o, h_kk, h_kv = step(*xs, *carry)
+        return (h_kk, h_kv), o
+
+    xs = tuple(jnp.moveaxis(t, 1, 0) for t in (q, k, v, alpha, g))
+    (h_kk, h_kv), o = jax.lax.scan(body, (h_kk, h_kv), xs)
+    return jnp.moveaxis(o, 0, 1), (h_kk, h_kv)
+
+
+def _chunk_start_states(k, prefix, to_end, h_kk):
+    """H₀ of every chunk (and the final H) by one sequential pass: H ← e^{G_C} H + Σ_s e^{G_C − G_s} k_s k_sᵀ."""
+    local = einsum("bnhsj,bnhs,bnhsk->bnhjk", k, to_end, k)
+
+    def body(h, xs):
+        d, loc = xs
+        return d[..., None, None] * h + loc, h
+
+    xs = (jnp.moveaxis(jnp.exp(prefix[..., -1]), 1, 0), jnp.moveaxis(local, 1, 0))
+    h_final, h0 = jax.lax.scan(body, h_kk, xs)
+    return jnp.moveaxis(h0, 0, 1), h_final
+
+
+def _chunk_frobenius(h0, decay, mask_decay, k):
+    """‖H_t‖_F for every row of a chunk from H₀ and the chunk's keys (SPEC §5 expansion; all terms ≥ 0)."""
+    h0_sq = jnp.sum(h0 * h0, axis=(-2, -1))[..., None]
+    khk = einsum("...sj,...jk,...sk->...s", k, h0, k)
+    kk = einsum("...sk,...uk->...su", k, k)
+    f2 = (
+        decay**2 * h0_sq
+        + 2 * decay * einsum("...ts,...s->...t", mask_decay, khk)
+        + jnp.sum(einsum("...ts,...su->...tu", mask_decay, kk * kk) * mask_decay, axis=-1)
+    )
+    return _safe_sqrt(f2)
+
+
+def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
+    """x_t ≈ (H_t + λ_t I)⁻¹ q_t for all tokens ([B, T, H, K]) and the final H, chunk by chunk."""
+    t = q.shape[1]
+    q, k, g = (to_chunks(x, chunk_size) for x in (q, k, g))  # [B, N, H, C, ...]; padding has g = 0, k = q = 0
+    prefix, mask_decay = chunk_decay(g)
+    h0, h_final = _chunk_start_states(k, prefix, mask_decay[..., -1, :], h_kk)
+    decay = jnp.exp(prefix)
+    f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
+    x = _ridge_solve(_apply_chunk, num_iter, (h0, decay, mask_decay, k), ridge_strength * f, f, q)
+    return from_chunks(x, t), h_final
+
+
+def _check_common(op, q, k, v, alpha, g, state, num_iter):
+    """Shape checks shared by gka and gka_step; returns the state as (h_kk or None, h_kv or None)."""
+    if state is None:
+        h_kk = h_kv = None
+    elif isinstance(state, (tuple, list)) and len(state) == 2:
+        h_kk, h_kv = state
+    else:
+        raise ValueError(f"{op}: state must be None or a pair (h_kk, h_kv)")
+    check_qkv(op, q, k, v, {"alpha": alpha, "g": g}, h_kv, step=op == "gka_step")
+    if h_kk is not None:
+        want = (q.shape[0], q.shape[-2], q.shape[-1], q.shape[-1])
+        if h_kk.shape != want:
+            raise ValueError(f"{op}: h_kk has shape {h_kk.shape}; expected {want} ([B, H, K, K])")
+    if not isinstance(num_iter, int) or num_iter < 0:
+        raise ValueError(f"{op}: num_iter must be a non-negative int, got {num_iter!r}")
+    return h_kk, h_kv
+
+
+def _state_or_zeros(h_kk, h_kv, q, v, dtype):
+    b, dk, dv, h = q.shape[0], q.shape[-1], v.shape[-1], q.shape[-2]
+    h_kk = jnp.zeros((b, h, dk, dk), dtype) if h_kk is None else h_kk.astype(dtype)
+    h_kv = jnp.zeros((b, h, dk, dv), dtype) if h_kv is None else h_kv.astype(dtype)
+    return h_kk, h_kv
+
+
+def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, initial_state=None,
+        output_final_state=False, chunk_size=64, impl="auto"):
+    """Gated KalmaNet attention over a sequence.
+
+    Args:
+      q, k: [B, T, H, K], already L2-normalized (k also β-scaled). v: [B, T, H, V], β-scaled.
+      alpha: [B, T, H] in [0, 1], how far the query moves toward the whitened x_t.
+      g: [B, T, H] log decay (≤ 0) shared by both states.
+      scale: read-out scale, default K^-1/2.
+      ridge_strength: r in λ_t = r·‖H_t‖_F.
+      num_iter: Chebyshev iterations (30 ≈ 2e-4 relative solve error, 10 ≈ 6e-2).
+      initial_state: None or (h_kk [B, H, K, K] symmetric PSD, h_kv [B, H, K, V]).
+      chunk_size: tokens per chunk of the chunked form; T need not be a multiple of it.
+      impl: "chunked" (and "auto") or "reference" (token-by-token scan, for tests); "pallas" is not available yet.
+
+    Returns:
+      (o [B, T, H, V] in v's dtype, (h_kk, h_kv) final states in fp32 (float64 for float64 inputs),
+      or None unless output_final_state).
+    """
+    impl = resolve_impl("gka", impl)
+    h_kk, h_kv = _check_common("gka", q, k, v, alpha, g, initial_state, num_iter)
+    if chunk_size < 1:
+        raise ValueError(f"gka: chunk_size must be positive, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype, out_dtype = acc_dtype(q, k, v), v.dtype
+    h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
+    q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
+    if impl == "reference":
+        o, (h_kk, h_kv) = _reference(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter)
+    else:
+        x, h_kk = _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
+        q_tilde = q + alpha[..., None] * (x - q)
+        o, h_kv = simple_gla(q_tilde, k, v, g, scale=scale, initial_state=h_kv, output_final_state=True,
+                             chunk_size=chunk_size, impl="chunked")
+    return o.astype(out_dtype), ((h_kk, h_kv) if output_final_state else None)
+
+
+def gka_step(q, k, v, alpha, g, state, *, scale=None, ridge_strength=0.02, num_iter=30):
+    """One decode token: q, k [B, H, K], v [B, H, V], alpha, g [B, H]; state (h_kk, h_kv) or None.
+
+    Returns (o [B, H, V] in v's dtype, (h_kk, h_kv) in fp32, float64 for float64 inputs).
+    """
+    h_kk, h_kv = _check_common("gka_step", q, k, v, alpha, g, state, num_iter)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype, out_dtype = acc_dtype(q, k, v), v.dtype
+    h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
+    q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
+    o, h_kk, h_kv = _token_update(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter)
+    return o.astype(out_dtype), (h_kk, h_kv)
