@@ -51,15 +51,13 @@ def save(model: Transformer, config: ModelConfig, path: str | Path, *, overwrite
         (tmp / FORMAT_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "kind": "transformer"}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+        for f in tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else ():
+            shutil.copyfile(f, tmp / f.name)
     return Path(path)
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    return [Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()]
 
 
 def load_orbax(path: str | Path) -> tuple[Transformer, ModelConfig]:
