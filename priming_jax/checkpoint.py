@@ -2,7 +2,7 @@
 
 Our Orbax checkpoint is a folder:
     config.json        the source's HF config, verbatim (so an export writes back exactly what came in)
-    priming_jax.json   what kind of model this is and the format version
+    priming_jax.json   format version, kind ("transformer" or "hybrid") and, for hybrids, the SSM config
     params/            Orbax (tensorstore) arrays, one per parameter, dtypes as they were (bf16 stays bf16)
     tokenizer files    copied from the source when it had them
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from priming_jax.config import ModelConfig
+from priming_jax.config import ModelConfig, SSMConfig
 from priming_jax.files import CheckpointError, atomic_output
 from priming_jax.hf_io import fill_model, load_hf, model_from_tensors
 from priming_jax.transformer import Transformer, abstract_model
@@ -48,7 +48,10 @@ def save(model: Transformer, config: ModelConfig, path: str | Path, *, overwrite
         checkpointer.save(tmp / "params", params)
         checkpointer.wait_until_finished()
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
-        (tmp / FORMAT_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "kind": "transformer"}, indent=2))
+        meta = {"format": FORMAT_VERSION, "kind": "transformer" if config.ssm is None else "hybrid"}
+        if config.ssm is not None:
+            meta["ssm"] = config.ssm.to_json()
+        (tmp / FORMAT_FILE).write_text(json.dumps(meta, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for f in tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else ():
@@ -65,11 +68,19 @@ def load_orbax(path: str | Path) -> tuple[Transformer, ModelConfig]:
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    meta = json.loads((path / FORMAT_FILE).read_text())
-    if meta.get("format") != FORMAT_VERSION or meta.get("kind") != "transformer":
+    try:
+        meta = json.loads((path / FORMAT_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / FORMAT_FILE}: {e}") from e
+    if meta.get("format") != FORMAT_VERSION or meta.get("kind") not in ("transformer", "hybrid"):
         raise CheckpointError(f"{path / FORMAT_FILE}: unsupported checkpoint {meta} (this version reads "
-                              f"format {FORMAT_VERSION}, kind 'transformer')")
+                              f"format {FORMAT_VERSION}, kind 'transformer' or 'hybrid')")
     cfg = ModelConfig.from_json(path / "config.json")
+    if meta["kind"] == "hybrid":
+        try:
+            cfg = cfg.replace(ssm=SSMConfig.from_json(meta["ssm"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / FORMAT_FILE}: bad SSM config: {e}") from e
     abstract = abstract_model(cfg)
     expected = {_key(tuple(p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
     checkpointer = ocp.StandardCheckpointer()

@@ -23,10 +23,42 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
+SSM_TYPES = ("gka", "gdn", "mamba2")
 
 
 class ConfigError(ValueError):
     """A config.json that this project cannot turn into a model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SSMConfig:
+    """Which layers are SSMs and how the SSM ops run. `layer_types[i]` is "attention" or one of SSM_TYPES."""
+
+    layer_types: tuple[str, ...]
+    conv_width: int = 4
+    gka_num_iter: int = 30
+    gka_ridge_strength: float = 0.02
+    chunk_size: int = 64
+    impl: str = "auto"
+
+    def __post_init__(self):
+        bad = [t for t in self.layer_types if t != "attention" and t not in SSM_TYPES]
+        if bad:
+            raise ValueError(f"unknown layer type(s) {sorted(set(bad))}; use 'attention' or one of {SSM_TYPES}")
+
+    @property
+    def ssm_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t != "attention"]
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "layer_types": list(self.layer_types)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SSMConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SSM config key(s) {sorted(unknown)}")
+        return cls(**{**d, "layer_types": tuple(d["layer_types"])})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +90,19 @@ class ModelConfig:
     norm_topk_prob: bool = False
     moe_layers: tuple[bool, ...] = ()
     dtype: str = "float32"
+    ssm: SSMConfig | None = None  # set for hybrids: which layers are SSMs and how they run
     hf: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __hash__(self):  # rope_scaling is a dict; equal configs still hash equal on these fields
-        return hash((self.model_type, self.vocab_size, self.hidden_size, self.num_layers, self.sliding_windows))
+        return hash((self.model_type, self.vocab_size, self.hidden_size, self.num_layers, self.sliding_windows,
+                     self.ssm))
 
     @property
     def architecture(self) -> str:
         return FAMILIES[self.model_type]["arch"]
+
+    def layer_type(self, i: int) -> str:
+        return "attention" if self.ssm is None else self.ssm.layer_types[i]
 
     def is_moe_layer(self, i: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[i]

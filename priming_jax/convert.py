@@ -40,6 +40,8 @@ def orbax_to_hf(src: Path, dst: Path, max_shard_bytes: int = 5 * 10**9, overwrit
     if not (src / FORMAT_FILE).is_file():
         raise CheckpointError(f"{src}: not an Orbax checkpoint of priming_jax (no {FORMAT_FILE})")
     model, cfg = load_orbax(src)
+    if cfg.ssm is not None:
+        raise CheckpointError(f"{src} is a hybrid; exporting hybrids to Hugging Face format is not supported yet")
     return save_hf(model, cfg, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                    extra_files=tokenizer_files(src))
 

@@ -109,10 +109,10 @@ class Entry:
         self.hf_shape = _hf_shape(kind, flax_shape)
 
 
-def key_table(cfg: ModelConfig, param_shapes: dict[tuple, tuple[int, ...]]) -> dict[str, Entry]:
+def key_table(cfg: ModelConfig, shapes: dict[tuple, tuple[int, ...]]) -> dict[str, Entry]:
     """HF tensor name -> Entry, for every parameter of the model (derived from its abstract parameters)."""
     table: dict[str, Entry] = {}
-    for path, shape in param_shapes.items():
+    for path, shape in shapes.items():
         dotted = ".".join(str(p) for p in path)
         if path[0] != "layers":
             name, kind = _lookup(TOP_KEYS, dotted)
@@ -142,7 +142,8 @@ def _lookup(keys: dict, flax_name: str):
     return keys[flax_name]
 
 
-def param_shapes(model: nnx.Module) -> dict[tuple, jax.ShapeDtypeStruct]:
+def param_values(model: nnx.Module) -> dict[tuple, jax.Array]:
+    """Parameter path -> array (ShapeDtypeStruct for an abstract model)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {tuple(path): var.get_value() for path, var in flat}
 
@@ -199,7 +200,7 @@ def model_from_tensors(
 ) -> Transformer:
     """Fill a model from a stream of HF-named tensors, checking names, shapes and completeness."""
     abstract = abstract_model(cfg)
-    shapes = {p: tuple(s.shape) for p, s in param_shapes(abstract).items()}
+    shapes = {p: tuple(s.shape) for p, s in param_values(abstract).items()}
     table = key_table(cfg, shapes)
     out: dict[tuple, np.ndarray] = {}
     seen: set[str] = set()
@@ -238,12 +239,15 @@ def _experts(table: dict[str, Entry], path: tuple) -> list[str]:
 
 
 def fill_model(abstract: nnx.Module, values: dict[tuple, np.ndarray]) -> nnx.Module:
-    """Replace the abstract parameters of `abstract` by `values` (dtype taken from the values)."""
+    """Replace the abstract parameters of `abstract` by `values` (dtype taken from the values).
+
+    Consumes `values`: each host array is dropped once on the device, so the model is never held twice.
+    """
     graphdef, state = nnx.split(abstract)
     flat = []
     for path, var in nnx.to_flat_state(state):
         path = tuple(path)
-        flat.append((path, var.replace(jnp.asarray(values[path])) if path in values else var))
+        flat.append((path, var.replace(jnp.asarray(values.pop(path))) if path in values else var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

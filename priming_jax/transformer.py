@@ -1,7 +1,7 @@
 """The decoder-only Transformer of every supported family (Llama, Mistral, Qwen2/2.5, Qwen3, Qwen3-MoE, Mixtral).
 
-A block is `x + mixer(norm(x))`, then `x + mlp(norm(x))`. The mixer is attention here; the hybrids of the
-priming stages put SSM layers with the same `(x, positions, cache) -> (y, cache)` interface in its place.
+A block is `x + mixer(norm(x))`, then `x + mlp(norm(x))`. The mixer is attention, or in a hybrid
+(`config.ssm` set) an SSM layer with the same `(x, positions, cache) -> (y, cache)` interface.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from flax import nnx
 
 from priming_jax.config import ModelConfig
 from priming_jax.layers import MLP, Attention, MoE, RMSNorm, param
+from priming_jax.ssm_layers import MIXERS
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs, mixer: nnx.Module | None = None):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.dtype, rngs)
-        self.mixer = mixer if mixer is not None else Attention(cfg, layer, rngs)
+        self.mixer = MIXERS.get(cfg.layer_type(layer), Attention)(cfg, layer, rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.dtype, rngs)
         if cfg.is_moe_layer(layer):
             self.mlp = MoE(cfg, rngs)
@@ -33,11 +34,10 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """`model(tokens)` -> logits [B, T, vocab]; `model(tokens, cache=cache)` -> (logits, cache) for decoding."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mixers: dict[int, nnx.Module] | None = None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.dtype)
-        mixers = mixers or {}
-        self.layers = nnx.List([Block(cfg, i, rngs, mixers.get(i)) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", cfg.dtype, rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.dtype)
@@ -79,14 +79,13 @@ class Transformer(nnx.Module):
         return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
 
 
-def abstract_model(cfg: ModelConfig, mixers_fn=None) -> Transformer:
+def abstract_model(cfg: ModelConfig) -> Transformer:
     """The model's structure with ShapeDtypeStructs instead of arrays: no memory is allocated."""
-    return nnx.eval_shape(lambda: build_model(cfg, 0, mixers_fn))
+    return nnx.eval_shape(lambda: build_model(cfg))
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, mixers_fn=None) -> Transformer:
-    rngs = nnx.Rngs(params=seed)
-    return Transformer(cfg, rngs, mixers_fn(cfg, rngs) if mixers_fn else None)
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(cfg, nnx.Rngs(params=seed))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import priming_jax
-from priming_jax.generate import generate
+from priming_jax.generate import generate, jitted
 from tests.conftest import FAMILY_CONFIGS, tiny_hf_model
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -56,12 +56,12 @@ def test_decode_equals_prefill(pair, rng):
     """Logits from the KV cache, one token at a time, equal the full forward at every position."""
     _, hf, model, _ = pair
     ids = jnp.asarray(rng.randint(0, hf.config.vocab_size, size=(2, 20)))
-    full = np.asarray(model(ids))
-    cache = model.init_cache(2, 20)
-    logits, cache = model(ids[:, :7], cache=cache)
+    forward = jitted(model)
+    full = np.asarray(forward(ids))
+    logits, cache = forward(ids[:, :7], model.init_cache(2, 20))
     steps = [np.asarray(logits)]
     for t in range(7, 20):
-        logits, cache = model(ids[:, t:t + 1], cache=cache)
+        logits, cache = forward(ids[:, t:t + 1], cache)
         steps.append(np.asarray(logits))
     err = np.abs(np.concatenate(steps, 1) - full).max() / np.abs(full).max()
     assert err <= 1e-5, f"decode vs prefill relative error {err:.2e}"
