@@ -73,19 +73,22 @@ def apply_rope(x, positions, inv_freq):
     return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
-def attend(q, k, v, q_pos, k_pos, window: int | None, kv_valid=None):
+def attend(q, k, v, q_pos, k_pos, window: int | None, kv_valid=None, implementation: str | None = None):
     """Causal (optionally sliding-window) GQA attention.
 
     q [B, T, N, D], k/v [B, S, K, D], q_pos [B, T], k_pos [B, S]. A query at p sees keys at p' with
-    p - window < p' <= p. On GPU with 16-bit inputs and no cache this is cuDNN's fused kernel; elsewhere the
-    XLA path with an explicit mask (the plain path for CPU and decode).
+    p - window < p' <= p. By default (implementation=None), on GPU with 16-bit inputs and no cache this is
+    cuDNN's fused kernel (positions are then 0..T-1); elsewhere the XLA path with an explicit mask (the plain
+    path for CPU and decode).
     """
     scale = q.shape[-1] ** -0.5
-    fused = (
-        jax.default_backend() == "gpu" and kv_valid is None and q.dtype in (jnp.bfloat16, jnp.float16)
-        and q.shape[1] == k.shape[1]
-    )
-    if fused:
+    if implementation is None:
+        fused = (
+            jax.default_backend() == "gpu" and kv_valid is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[1] == k.shape[1]
+        )
+        implementation = "cudnn" if fused else "xla"
+    if implementation == "cudnn":
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation="cudnn",
             local_window_size=(window - 1, 0) if window else None,
