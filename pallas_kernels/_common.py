@@ -38,18 +38,16 @@ def check_qkv(op: str, q, k, v, gates: dict, initial_state, *, step: bool = Fals
 
     Sequence ops use [B, T, H, D] layouts; decode steps (step=True) drop the T axis.
     """
-    layout = "[B, H, K]" if step else "[B, T, H, K]"
-    if q.ndim != len(layout.split(",")):
-        raise ValueError(f"{op}: q has shape {q.shape}; expected {layout}")
+    lead = "B, H" if step else "B, T, H"
+    if q.ndim != lead.count(",") + 2:
+        raise ValueError(f"{op}: q has shape {q.shape}; expected [{lead}, K]")
     if k.shape != q.shape:
-        raise ValueError(f"{op}: k has shape {k.shape} but q has {q.shape}; expected {layout}")
+        raise ValueError(f"{op}: k has shape {k.shape} but q has {q.shape}; expected [{lead}, K]")
     if v.shape[:-1] != q.shape[:-1]:
-        raise ValueError(
-            f"{op}: v has shape {v.shape} but q has {q.shape}; expected {layout[:-2]}V] with the same leading dims"
-        )
+        raise ValueError(f"{op}: v has shape {v.shape} but q has {q.shape}; expected [{lead}, V]")
     for name, gate in gates.items():
         if gate.shape != q.shape[:-1]:
-            raise ValueError(f"{op}: {name} has shape {gate.shape}; expected {q.shape[:-1]} ({layout[:-3]}])")
+            raise ValueError(f"{op}: {name} has shape {gate.shape}; expected {q.shape[:-1]} ([{lead}])")
     if initial_state is not None:
         want = (q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1])
         if initial_state.shape != want:

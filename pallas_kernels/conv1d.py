@@ -19,7 +19,9 @@ def _check(op, x, weight, bias, state, activation, *, step):
         raise ValueError(f"{op}: x has shape {x.shape}; expected {layout}")
     channels = x.shape[-1]
     if weight.ndim != 2 or weight.shape[0] != channels or weight.shape[1] < 1:
-        raise ValueError(f"{op}: weight has shape {weight.shape} but x has {x.shape}; expected [C, W] with C = {channels}")
+        raise ValueError(
+            f"{op}: weight has shape {weight.shape} but x has {x.shape}; expected [C, W] with C = {channels}"
+        )
     if bias is not None and bias.shape != (channels,):
         raise ValueError(f"{op}: bias has shape {bias.shape}; expected ({channels},)")
     want = (x.shape[0], weight.shape[1] - 1, channels)

@@ -114,6 +114,10 @@ def test_decode_steps_match_prefill():
         assert rel(o, o_ref[:, i]) <= 1e-5, i
     assert rel(s, s_ref) <= 1e-5
 
+    q, k, v = cast(jnp.bfloat16, q, k, v)
+    o, s = step(*(x[:, 0] for x in (q, k, v, g, beta)), s0)
+    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+
 
 def test_very_negative_decay_and_unit_beta():
     """Decays of −50 and beta = 1 with repeated keys (entries of A near 1, where a Neumann series fails)."""
@@ -160,8 +164,8 @@ def test_errors_and_optional_state():
         trace(gated_delta_rule, q, k, v, g, beta, impl="triton")
     with pytest.raises(ValueError, match="Pallas kernels for gated_delta_rule are not available yet"):
         trace(gated_delta_rule, q, k, v, g, beta, impl="pallas")
-    with pytest.raises(ValueError, match="power of two"):
-        trace(gated_delta_rule, q, k, v, g, beta, chunk_size=48)
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        trace(gated_delta_rule, q, k, v, g, beta, chunk_size=0)
     with pytest.raises(ValueError, match=r"k has shape \(1, 4, 2, 7\) but q has \(1, 4, 2, 8\)"):
         trace(gated_delta_rule, q, k[..., :7], v, g, beta)
     with pytest.raises(ValueError, match="beta has shape"):

@@ -31,11 +31,6 @@ def make_inputs(seed, b, t, h, dk, dv, with_state=True):
     return q, k, v, g, s0
 
 
-def both(q, k, v, g, s0, **kw):
-    """(reference, chunked) results, each (o, final state)."""
-    return [run(q, k, v, g, initial_state=s0, output_final_state=True, impl=impl, **kw) for impl in ("reference", "chunked")]
-
-
 def cast(dtype, *xs):
     return [None if x is None else jnp.asarray(x, dtype) for x in xs]
 
@@ -51,13 +46,16 @@ SHAPES = [  # (B, T, H, K, V, with initial state)
 
 @pytest.mark.parametrize("b,t,h,dk,dv,with_state", SHAPES)
 def test_chunked_matches_reference(b, t, h, dk, dv, with_state):
-    inputs = make_inputs(t, b, t, h, dk, dv, with_state)
+    *xs, s0 = make_inputs(t, b, t, h, dk, dv, with_state)
     with jax.enable_x64(True):
-        (o_ref, s_ref), (o, s) = both(*cast(jnp.float64, *inputs))
+        *xs64, s064 = cast(jnp.float64, *xs, s0)
+        o_ref, s_ref = run(*xs64, initial_state=s064, output_final_state=True, impl="reference")
+        o, s = run(*xs64, initial_state=s064, output_final_state=True, impl="chunked")
         assert o.dtype == jnp.float64 and s.dtype == jnp.float64 and o.shape == (b, t, h, dv)
         assert rel(o, o_ref) <= 1e-10
         assert rel(s, s_ref) <= 1e-10
-    o32, s32 = run(*cast(jnp.float32, *inputs[:4]), initial_state=cast(jnp.float32, inputs[4])[0], output_final_state=True)
+    *xs32, s032 = cast(jnp.float32, *xs, s0)
+    o32, s32 = run(*xs32, initial_state=s032, output_final_state=True)
     assert o32.dtype == jnp.float32 and s32.dtype == jnp.float32
     assert rel(o32, o_ref) <= 1e-5
     assert rel(s32, s_ref) <= 1e-5
@@ -65,11 +63,11 @@ def test_chunked_matches_reference(b, t, h, dk, dv, with_state):
 
 @pytest.mark.parametrize("t", [65, 1000])
 def test_bf16_inputs(t):
-    inputs = cast(jnp.bfloat16, *make_inputs(7, 2, t, 2, 64, 32))
+    *xs, s0 = cast(jnp.bfloat16, *make_inputs(7, 2, t, 2, 64, 32))
     with jax.enable_x64(True):
-        o_ref, s_ref = run(*cast(jnp.float64, *inputs[:4]), initial_state=jnp.asarray(inputs[4], jnp.float64),
+        o_ref, s_ref = run(*cast(jnp.float64, *xs), initial_state=jnp.asarray(s0, jnp.float64),
                            output_final_state=True, impl="reference")
-    o, s = run(*inputs[:4], initial_state=inputs[4], output_final_state=True)
+    o, s = run(*xs, initial_state=s0, output_final_state=True)
     assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     assert rel(o, o_ref) <= 2e-2
     assert rel(s, s_ref) <= 2e-2
@@ -111,6 +109,10 @@ def test_decode_steps_match_prefill():
         assert rel(o, o_ref[:, i]) <= 1e-5, i
     assert rel(s, s_ref) <= 1e-5
 
+    q, k, v = cast(jnp.bfloat16, q, k, v)
+    o, s = step(*(x[:, 0] for x in (q, k, v, g)), s0)
+    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+
 
 def test_very_negative_decay_is_finite_and_exact():
     """Mamba-2 style decays of −50 (e^−50 underflows in products): no NaN/Inf forward or backward."""
@@ -118,8 +120,10 @@ def test_very_negative_decay_is_finite_and_exact():
     q, k, v, g, s0 = make_inputs(6, b, t, h, dk, dv)
     g = np.where(np.random.default_rng(0).uniform(size=g.shape) < 0.3, -50.0, g)
     g[:, :64] = -50.0  # one chunk entirely at −50: its in-chunk prefix reaches −3200
+    g[:, 64:96] = -50.0  # then a prefix of −1600 before 32 tokens of slow decay: G_t − G_s would cancel badly
+    g[:, 96:128] = -0.01
     with jax.enable_x64(True):
-        o_ref, s_ref = run(*cast(jnp.float64, q, k, v, g, s0)[:4], initial_state=jnp.asarray(s0),
+        o_ref, s_ref = run(*cast(jnp.float64, q, k, v, g), initial_state=jnp.asarray(s0),
                            output_final_state=True, impl="reference")
     q, k, v, g, s0 = cast(jnp.float32, q, k, v, g, s0)
     o, s = run(q, k, v, g, initial_state=s0, output_final_state=True)
