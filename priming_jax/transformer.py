@@ -26,9 +26,10 @@ class Block(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.dtype, rngs, cfg.mlp_bias)
 
     def __call__(self, x, positions, cache=None):
+        """Returns (block output, cache, mixer output); Stage 1 can align either output."""
         y, cache = self.mixer(self.input_norm(x), positions, cache)
-        x = x + y
-        return x + self.mlp(self.post_norm(x)), cache
+        h = x + y
+        return h + self.mlp(self.post_norm(h)), cache, y
 
 
 class Transformer(nnx.Module):
@@ -42,29 +43,39 @@ class Transformer(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.dtype)
 
-    def hidden(self, tokens, cache=None, positions=None):
-        """Final-normed hidden states [B, T, D] (what Stage 1 aligns) and the updated cache."""
+    def hidden(self, tokens, cache=None, positions=None, taps: bool = False, remat: bool = False):
+        """(final-normed hidden states [B, T, D], updated cache, taps).
+
+        taps=True also returns each layer's mixer and block outputs ({"mixer": [...], "block": [...]}), the
+        targets of per-layer alignment; remat=True recomputes each block in the backward pass (training only).
+        """
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0)
-        new_layers = []
+        new_layers, mixer_outs, block_outs = [], [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else dict(cache["layers"][i], index=cache["index"])
-            x, layer_cache = block(x, positions, layer_cache)
+            if remat and cache is None:
+                x, _, y = nnx.remat(lambda b, h: b(h, positions))(block, x)
+            else:
+                x, layer_cache, y = block(x, positions, layer_cache)
+            if taps:
+                mixer_outs.append(y)
+                block_outs.append(x)
             if cache is not None:
                 layer_cache.pop("index", None)
                 new_layers.append(layer_cache)
         if cache is not None:
             cache = {"layers": new_layers, "index": cache["index"] + tokens.shape[1]}
-        return self.norm(x), cache
+        return self.norm(x), cache, ({"mixer": mixer_outs, "block": block_outs} if taps else None)
 
     def logits(self, h):
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         return h @ head
 
     def __call__(self, tokens, cache=None, positions=None):
-        h, new_cache = self.hidden(tokens, cache, positions)
+        h, new_cache, _ = self.hidden(tokens, cache, positions)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 

@@ -214,12 +214,29 @@ def test_missing_package_says_how_to_install(monkeypatch):
         default_smollm2_gguf()
 
 
+# Sonnet 18 (1609), public domain: a real sentence for the logit comparison and the loss figure.
+SONNET_18 = """Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance or nature's changing course untrimm'd;
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st;
+Nor shall death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st:
+So long as men can breathe or eyes can see,
+So long lives this, and this gives life to thee."""
+
+
 def test_smollm2_flax_logits_match_transformers(smollm2, hf_model):
     """The whole path (GGUF -> Flax model) against transformers' own GGUF load, on a real sentence."""
     import jax.numpy as jnp
 
     import priming_jax
-    from priming_jax.main import SONNET_18, next_token_loss
+    from priming_jax.train import masked_cross_entropy
 
     model, cfg = priming_jax.load(smollm2)
     tokenizer = GGUFCheckpoint(smollm2).tokenizer()
@@ -228,7 +245,8 @@ def test_smollm2_flax_logits_match_transformers(smollm2, hf_model):
         ref = hf_model(torch.tensor(ids[None])).logits.numpy()
     out = np.asarray(model(jnp.asarray(ids[None])))
     err = np.abs(out - ref).max()
-    loss = next_token_loss(model, ids)
+    loss = float(masked_cross_entropy(jnp.asarray(out[:, :-1]), jnp.asarray(ids[None, 1:]),
+                                      jnp.ones((1, len(ids) - 1))))
     print(f"SmolLM2 Flax vs transformers max abs logit diff {err:.2e}; Sonnet 18 loss {loss:.4f} nats/token")
     assert err <= 1e-3, f"max abs logit difference {err:.2e}"
     assert 1.0 < loss < 4.0  # a working 135M model on famous verse; a broken mapping gives ~10 (ln 49152)
