@@ -213,7 +213,8 @@ def make_train_step(graphdef, teacher_graphdef, spec: LossSpec, tx, accum: int, 
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {k: v.mean() for k, v in metrics.items()}
-        metrics.update(loss=losses.mean(), grad_norm=optax.global_norm(grads))
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        metrics.update(loss=losses.mean(), grad_norm=grad_norm)
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
@@ -249,7 +250,8 @@ def train_stage(name: str, student, teacher, spec: LossSpec, cfg, common, seq_le
     regex = trainable_regex(cfg.trainable, layer_types)
     graphdef, trainable, frozen = split_trainable(student, regex)
     orig_dtypes = jax.tree.map(lambda x: x.dtype, trainable)
-    trainable = cast_floats(trainable, jnp.float32)
+    # fp32 master copies: fresh buffers, so donating them never touches the caller's (or the teacher's) arrays
+    trainable = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), trainable)
     compute_dtype = jnp.dtype(common.compute_dtype)
     frozen_compute = cast_floats(frozen, compute_dtype)
     teacher_graphdef, teacher_state = (nnx.split(teacher) if spec.needs_teacher else (None, None))
