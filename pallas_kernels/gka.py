@@ -135,11 +135,11 @@ def _chunk_frobenius(h0, decay, mask_decay, k):
     h0_sq = jnp.sum(h0 * h0, axis=(-2, -1))[..., None]
     khk = einsum("...sj,...jk,...sk->...s", k, h0, k)
     kk = einsum("...sk,...uk->...su", k, k)
-    f2 = (
-        decay**2 * h0_sq
-        + 2 * decay * einsum("...ts,...s->...t", mask_decay, khk)
-        + jnp.sum(einsum("...ts,...su->...tu", mask_decay, kk * kk) * mask_decay, axis=-1)
-    )
+    pairs = einsum("...ts,...su->...tu", mask_decay, kk * kk) * mask_decay
+    # Row sums as a matvec, not a reduce: XLA:CPU (jax 0.10) fuses dot -> multiply -> reduce into one YNN kernel
+    # that returns wrong sums for some chunk sizes (192 and 256 seen; 64, 128, 384, 512 fine).
+    within = einsum("...tu,u->...t", pairs, jnp.ones(pairs.shape[-1], pairs.dtype))
+    f2 = decay**2 * h0_sq + 2 * decay * einsum("...ts,...s->...t", mask_decay, khk) + within
     return _safe_sqrt(f2)
 
 
@@ -198,6 +198,10 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
     Returns:
       (o [B, T, H, V] in v's dtype, (h_kk, h_kv) final states in fp32 (float64 for float64 inputs),
       or None unless output_final_state).
+
+    Reverse mode only (the solve is a custom_vjp). The h_kk cotangent is the plain-matrix gradient; its symmetric
+    part is the gradient within symmetric states. In float32, o carries rounding of about ε·max|x|·‖h_kv‖ since
+    x ≈ q/λ is large where no recent key points (measured up to ~1e-4 of max|o| with a single key, ~2e-5 typical).
     """
     impl = resolve_impl("gka", impl)
     h_kk, h_kv = _check_common("gka", q, k, v, alpha, g, initial_state, num_iter)

@@ -27,22 +27,27 @@ def rel(a, b):
 
 
 def make_inputs(seed, b, t, h, dk, dv, dtype, with_state=False):
-    """Layer-like inputs: unit q, β-scaled unit k and v, α ∈ (0, 1), log decay in (−∞, 0); optional PSD state."""
-    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[0], (b, t, h)))[..., None]
-    q = unit(jax.random.normal(ks[1], (b, t, h, dk)))
-    k = unit(jax.random.normal(ks[2], (b, t, h, dk))) * beta
-    v = jax.random.normal(ks[3], (b, t, h, dv)) * beta
-    alpha = jax.nn.sigmoid(2 * jax.random.normal(ks[4], (b, t, h)))
-    g = -jnp.exp(jax.random.normal(ks[5], (b, t, h)) - 2.5)
-    args = tuple(x.astype(dtype) for x in (q, k, v, alpha, g))
+    """Layer-like inputs: unit q, β-scaled unit k and v, α ∈ (0, 1), log decay < 0; optional PSD state.
+
+    The decays (median e^g ≈ 0.92) are those of a freshly primed layer (SPEC §4: A ~ U(0, 16), dt ~ 1e-3..1e-1).
+    Drawn with numpy: eager jax.random ops would compile one by one.
+    """
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    beta = sigmoid(rng.standard_normal((b, t, h)))[..., None]
+    q = unit(rng.standard_normal((b, t, h, dk)))
+    k = unit(rng.standard_normal((b, t, h, dk))) * beta
+    v = rng.standard_normal((b, t, h, dv)) * beta
+    alpha = sigmoid(2 * rng.standard_normal((b, t, h)))
+    g = -np.exp(rng.standard_normal((b, t, h)) - 2.5)
+    args = tuple(jnp.asarray(x, dtype) for x in (q, k, v, alpha, g))
     state = None
     if with_state:
-        past = unit(jax.random.normal(ks[6], (b, h, 3 * dk, dk)))
-        h_kk = jnp.einsum("bhnj,bhnk->bhjk", past, past)
-        h_kv = jax.random.normal(ks[7], (b, h, dk, dv))
-        state = (h_kk.astype(dtype), h_kv.astype(dtype))
+        past = unit(rng.standard_normal((b, h, 3 * dk, dk)))
+        h_kk = np.einsum("bhnj,bhnk->bhjk", past, past)
+        h_kv = rng.standard_normal((b, h, dk, dv))
+        state = (jnp.asarray(h_kk, dtype), jnp.asarray(h_kv, dtype))
     return args, state
 
 
@@ -102,10 +107,30 @@ def test_chunked_matches_reference_float64(x64, t, dk, dv, with_state):
     check_forward(args, state, 1e-10)
 
 
+# SPEC §5's algorithm has a float32 floor: x = (H + λI)⁻¹q reaches |q|/λ (up to ~1e3·|q|)
+# in directions no recent key covers, and the read-out h_kvᵀq̃ cancels those components again, so rounding of size
+# ε·|x| survives into o although o itself is well conditioned (rounding the inputs moves it by < 1e-7). The chunked
+# form applies H_t as Σ_s M[t,s](k_s·x_t)k_s, so its rounding lies along the keys, which the read-out sees in full:
+# ~√K times the reference's, whose explicit H_t spreads it over all directions. Measured chunked vs reference (and
+# the reference's own error vs float64) over 10 seeds: T=1, K=16 without state (one key; q nearly ⟂ k is the worst
+# case) up to 1.1e-4 (2.7e-5); T=63..1000, K=64..128 up to 2.2e-5 (4.1e-6); the other cases below 1e-5.
+F32_TOL = {(1, 16): 1e-4, (63, 64): 3e-5, (65, 128): 3e-5, (1000, 64): 3e-5}
+
+
 @pytest.mark.parametrize("t,dk,dv,with_state", FORWARD_CASES)
 def test_chunked_matches_reference_float32(t, dk, dv, with_state):
     args, state = make_inputs(t + dk, 1, t, 2, dk, dv, jnp.float32, with_state)
-    check_forward(args, state, 1e-5)
+    check_forward(args, state, F32_TOL.get((t, dk), 1e-5))
+
+
+@pytest.mark.parametrize("chunk_size", [16, 192, 256])
+def test_chunk_sizes(chunk_size):
+    """Other chunk sizes, incl. 192 and 256, where XLA:CPU (jax 0.10) miscomputes a dot→multiply→reduce fusion."""
+    args, state = make_inputs(11, 1, 300, 2, 32, 16, jnp.float32, with_state=True)
+    o_ref, (hkk_ref, hkv_ref) = run(args, state, "reference")
+    o, (hkk, hkv) = run(args, state, "chunked", chunk_size=chunk_size)
+    errs = rel(o, o_ref), rel(hkk, hkk_ref), rel(hkv, hkv_ref)
+    assert max(errs) <= 1e-5, errs
 
 
 @pytest.mark.parametrize("t,dk,with_state", [(65, 64, True), (1000, 128, False)])
@@ -121,17 +146,26 @@ def test_bfloat16_close_to_float64(t, dk, with_state):
     assert max(errs) <= 2e-2, errs
 
 
-def loss_and_grads(fn, args, state, seed=0):
-    """Gradients of a random linear functional of (o, h_kk, h_kv) with respect to every input and the state."""
-    o, (hkk, hkv) = fn(args, state)
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    wo, wk, wv = (jax.random.normal(key, x.shape, x.dtype) for key, x in zip(ks, (o, hkk, hkv)))
+def outputs(args, state, impl, num_iter=30, chunk_size=64):
+    """(o, (h_kk, h_kv)) of gka, or of the dense-solve definition for impl="exact"."""
+    if impl == "exact":
+        return exact_gka(*args, state)
+    return gka(*args, initial_state=state, output_final_state=True, impl=impl, num_iter=num_iter,
+               chunk_size=chunk_size)
+
+
+@partial(jax.jit, static_argnames=("impl", "num_iter", "chunk_size"))
+def grads(args, state, impl, num_iter=30, chunk_size=64):
+    """Gradients of a fixed random linear functional of (o, h_kk, h_kv) w.r.t. every input and the state."""
+    out = jax.eval_shape(lambda: outputs(args, state, impl, num_iter, chunk_size))
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), out)
 
     def loss(args, state):
-        o, (hkk, hkv) = fn(args, state)
-        return jnp.sum(o * wo) + jnp.sum(hkk * wk) + jnp.sum(hkv * wv)
+        out = outputs(args, state, impl, num_iter, chunk_size)
+        return sum(jnp.sum(a * w) for a, w in zip(jax.tree.leaves(out), jax.tree.leaves(weights)))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(args, state)
+    return jax.grad(loss, argnums=(0, 1))(args, state)
 
 
 GRAD_NAMES = ("q", "k", "v", "alpha", "g", "h_kk", "h_kv")
@@ -145,33 +179,32 @@ def grad_errors(grads_a, grads_b):
 
 def test_grads_chunked_match_reference_float64(x64):
     args, state = make_inputs(3, 1, 45, 2, 16, 8, jnp.float64, with_state=True)
-    chunked = partial(run, impl="chunked", chunk_size=16)  # 3 chunks, the last one padded
-    reference = partial(run, impl="reference")
-    errs = grad_errors(loss_and_grads(chunked, args, state), loss_and_grads(reference, args, state))
+    chunked = grads(args, state, "chunked", chunk_size=16)  # 3 chunks, the last one padded
+    errs = grad_errors(chunked, grads(args, state, "reference"))
     assert max(errs.values()) <= 1e-6, errs
 
 
 def test_implicit_grads_match_exact_solve_float64(x64):
     """With a converged forward (200 iterations) the implicit VJP is the exact solve's gradient."""
     args, state = make_inputs(4, 1, 40, 2, 16, 8, jnp.float64, with_state=True)
-    chunked = partial(run, impl="chunked", num_iter=200, chunk_size=16)
-    exact = jax.jit(lambda a, s: exact_gka(*a, s))
-    assert rel(chunked(args, state)[0], exact(args, state)[0]) <= 1e-10
-    errs = grad_errors(loss_and_grads(chunked, args, state), loss_and_grads(exact, args, state))
+    o = run(args, state, "chunked", num_iter=200, chunk_size=16)[0]
+    assert rel(o, jax.jit(exact_gka)(*args, state)[0]) <= 1e-10
+    errs = grad_errors(grads(args, state, "chunked", num_iter=200, chunk_size=16), grads(args, state, "exact"))
     assert max(errs.values()) <= 1e-5, errs
 
 
 @pytest.mark.parametrize("with_state", [False, True])
 def test_thirty_iterations_close_to_exact_solve(x64, with_state):
     args, state = make_inputs(5, 1, 300, 2, 64, 64, jnp.float64, with_state)
-    o_exact = jax.jit(lambda a, s: exact_gka(*a, s))(args, state)[0]
+    o_exact = jax.jit(exact_gka)(*args, state)[0]
     assert rel(run(args, state, "chunked")[0], o_exact) <= 1e-3
 
 
 def test_alpha_zero_is_simple_gla(x64):
     (q, k, v, alpha, g), state = make_inputs(6, 2, 100, 2, 32, 16, jnp.float64, with_state=True)
-    o, (_, hkv) = gka(q, k, v, jnp.zeros_like(alpha), g, initial_state=state, output_final_state=True)
-    o_gla, hkv_gla = simple_gla(q, k, v, g, initial_state=state[1], output_final_state=True)
+    o, (_, hkv) = jax.jit(partial(gka, output_final_state=True))(q, k, v, jnp.zeros_like(alpha), g,
+                                                                 initial_state=state)
+    o_gla, hkv_gla = jax.jit(partial(simple_gla, output_final_state=True))(q, k, v, g, initial_state=state[1])
     assert rel(o, o_gla) <= 1e-12 and rel(hkv, hkv_gla) <= 1e-12
 
 
@@ -182,13 +215,12 @@ def test_zero_keys_finite(impl):
     args = (q, jnp.zeros_like(k), v, alpha, g)
     o, (hkk, hkv) = run(args, None, impl)
     assert np.all(np.asarray(o) == 0) and np.all(np.asarray(hkk) == 0)
-    grads = jax.tree.leaves(loss_and_grads(partial(run, impl=impl), args, None)[0])
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in grads)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grads(args, None, impl)))
     # keys that only start mid-sequence: earlier tokens see H = 0, later ones a real solve
-    k_late = k.at[:, :40].set(0)
-    o, _ = run((q, k_late, v, alpha, g), None, impl)
-    grads = jax.tree.leaves(loss_and_grads(partial(run, impl=impl), (q, k_late, v, alpha, g), None)[0])
-    assert np.all(np.isfinite(np.asarray(o))) and all(np.all(np.isfinite(np.asarray(x))) for x in grads)
+    args = (q, k.at[:, :40].set(0), v, alpha, g)
+    o, _ = run(args, None, impl)
+    assert np.all(np.isfinite(np.asarray(o)))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grads(args, None, impl)))
 
 
 def test_decode_matches_prefill():
