@@ -13,8 +13,6 @@ from absl import flags
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_gka.py"
-_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Run configuration (ml_collections).",
-                                          lock_config=True)
 
 
 def _explain_bad_override(argv: list[str], error: Exception) -> str:
@@ -40,8 +38,13 @@ def _explain_bad_override(argv: list[str], error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse flags and run. config_flags applies the --config.* overrides from the process's own command line
+    (already when the flag is defined, hence here), so this is a CLI entry point: run it as
+    `python -m priming_jax.main` (the tests use a subprocess)."""
     argv = list(sys.argv if argv is None else argv)
     try:
+        config = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Run configuration (ml_collections).",
+                                                 lock_config=True)
         rest = flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         print(f"error: {_explain_bad_override(argv, e)}", file=sys.stderr)
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from priming_jax.train import Interrupted
 
     try:
-        run(_CONFIG.value)
+        run(config.value)
     except Interrupted as e:
         print(f"{e}; rerun the same command to resume", file=sys.stderr)
         return 143

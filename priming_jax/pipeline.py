@@ -157,11 +157,13 @@ def run(config) -> dict:
     if prime_dir.exists():
         hybrid, hcfg = load(prime_dir)
     elif "prime" in stages:
-        from priming_jax.selection import select_layers
+        from priming_jax.selection import recall_task_for, select_layers
 
+        # the probe runs ~L²/2 blocks per batch: two held-out batches are enough to rank the layers
         layers = select_layers(config.hybrid.selection, teacher, cfg, ratio=config.hybrid.ratio,
-                               layers=tuple(config.hybrid.layers), heldout_batches=heldout,
-                               window=config.hybrid.probe_window, seed=config.seed)
+                               layers=tuple(config.hybrid.layers), heldout_batches=heldout[:2],
+                               window=config.hybrid.probe_window, recall=recall_task_for(tokenizer),
+                               seed=config.seed)
         hybrid, hcfg = prime(teacher, cfg, ssm_config(config, cfg.num_layers, layers), seed=config.seed)
         save(hybrid, hcfg, prime_dir, tokenizer=tokenizer)
         print(f"primed: {config.hybrid.kind} at layers {layers} -> {prime_dir}")

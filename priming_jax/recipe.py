@@ -23,7 +23,7 @@ def stage_config(**overrides) -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.trainable = ("ssm",)  # name patterns: ssm | attention | norms | mlp | embeddings | all | a regex
     c.kl_weight = 0.0  # align: KL on logits; posttrain: distillation from the teacher
-    c.target = "final_hidden"  # align only: final_hidden | mixer | block
+    c.target = "final_hidden"  # align only: final_hidden | mixer | block | local_mixer
     c.data = "text"  # posttrain only: text | sft (chat JSONL in data.sft_sources)
     c.seq_len = 0  # 0 = data.seq_len
     c.update(overrides)
@@ -82,7 +82,9 @@ def smollm2_config(kind: str) -> ml_collections.ConfigDict:
     c.hybrid.kind = kind
     c.hybrid.gka_num_iter = 10
     c.data.seq_len = 256
-    c.align.update(steps=150, batch_size=8, lr=1e-3, warmup_steps=10)
+    c.data.eval_batches = 4
+    c.train.compute_dtype = "float32"  # XLA:CPU runs bf16 matmuls far slower than fp32
+    c.align.update(steps=150, batch_size=8, lr=1e-3, warmup_steps=10, target="local_mixer")
     c.posttrain.update(steps=50, batch_size=8, lr=1e-4, warmup_steps=5)
     return c
 

@@ -99,20 +99,41 @@ def mse(a, b):
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
+ALIGN_TARGETS = ("final_hidden", "mixer", "block", "local_mixer")
+
+
+def relative_mse(pred, target):
+    """MSE normalized by the target's mean square, so layers of different scale weigh the same."""
+    target = target.astype(jnp.float32)
+    return mse(pred, target) / jnp.maximum(jnp.mean(jnp.square(target)), 1e-12)
+
+
+def local_mixer_loss(student, teacher_taps, ssm_layers, positions):
+    """Mean relative MSE of each SSM mixer, run on the teacher's mixer input, against the attention output."""
+    losses = []
+    for i in ssm_layers:
+        x_in = jax.lax.stop_gradient(teacher_taps["mixer_in"][i])
+        y, _ = student.layers[i].mixer(x_in, positions)
+        losses.append(relative_mse(y, jax.lax.stop_gradient(teacher_taps["mixer"][i])))
+    return sum(losses) / len(losses)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     """What a stage minimizes. kind: "align" (hidden-state MSE to the teacher) or "ntp" (next-token CE)."""
 
     kind: str
-    align_target: str = "final_hidden"  # final_hidden | mixer | block (per replaced layer)
+    # final_hidden | mixer | block (per replaced layer, student on its own hidden states) | local_mixer (each SSM
+    # mixer fed the teacher's input to the attention it replaces: layer-local, no backprop through the stack)
+    align_target: str = "final_hidden"
     kl_weight: float = 0.0  # align: KL on logits; ntp: distillation term (needs the teacher)
     ssm_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("align", "ntp"):
             raise ValueError(f"loss kind must be 'align' or 'ntp', got {self.kind!r}")
-        if self.align_target not in ("final_hidden", "mixer", "block"):
-            raise ValueError(f"align_target must be final_hidden, mixer or block, got {self.align_target!r}")
+        if self.align_target not in ALIGN_TARGETS:
+            raise ValueError(f"align_target must be one of {ALIGN_TARGETS}, got {self.align_target!r}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -122,9 +143,14 @@ class LossSpec:
 def stage_loss(spec: LossSpec, student, teacher, batch, remat: bool):
     """Scalar loss and metrics for one micro-batch."""
     tokens, mask = batch["inputs"], batch["loss_mask"]
+    metrics = {}
+    if spec.kind == "align" and spec.align_target == "local_mixer":
+        _, _, ttaps = teacher.hidden(tokens, taps=True)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        loss = local_mixer_loss(student, ttaps, spec.ssm_layers, positions)
+        return loss, {"mse": loss}
     per_layer = spec.kind == "align" and spec.align_target != "final_hidden"
     h, _, taps = student.hidden(tokens, taps=per_layer, remat=remat)
-    metrics = {}
     if spec.needs_teacher:
         th, _, ttaps = teacher.hidden(tokens, taps=per_layer)
         th = jax.lax.stop_gradient(th)

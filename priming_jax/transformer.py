@@ -46,16 +46,18 @@ class Transformer(nnx.Module):
     def hidden(self, tokens, cache=None, positions=None, taps: bool = False, remat: bool = False):
         """(final-normed hidden states [B, T, D], updated cache, taps).
 
-        taps=True also returns each layer's mixer and block outputs ({"mixer": [...], "block": [...]}), the
-        targets of per-layer alignment; remat=True recomputes each block in the backward pass (training only).
+        taps=True also returns each layer's mixer input and output and block output ({"mixer_in", "mixer",
+        "block"}: lists over layers), the inputs and targets of per-layer alignment; remat=True recomputes each block in the backward pass (training only).
         """
         if positions is None:
             start = 0 if cache is None else cache["index"]
             positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = jnp.take(self.embed[...], tokens, axis=0)
-        new_layers, mixer_outs, block_outs = [], [], []
+        new_layers, mixer_ins, mixer_outs, block_outs = [], [], [], []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else dict(cache["layers"][i], index=cache["index"])
+            if taps:
+                mixer_ins.append(block.input_norm(x))
             if remat and cache is None:
                 x, _, y = nnx.remat(lambda b, h: b(h, positions))(block, x)
             else:
@@ -68,7 +70,8 @@ class Transformer(nnx.Module):
                 new_layers.append(layer_cache)
         if cache is not None:
             cache = {"layers": new_layers, "index": cache["index"] + tokens.shape[1]}
-        return self.norm(x), cache, ({"mixer": mixer_outs, "block": block_outs} if taps else None)
+        taps = {"mixer_in": mixer_ins, "mixer": mixer_outs, "block": block_outs} if taps else None
+        return self.norm(x), cache, taps
 
     def logits(self, h):
         head = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
