@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels import causal_conv1d, causal_conv1d_step
+from tests.numerics import rel
 
 run = jax.jit(causal_conv1d, static_argnames=("activation",))
 step = jax.jit(causal_conv1d_step, static_argnames=("activation",))
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def numpy_conv(x, weight, bias, state, activation):

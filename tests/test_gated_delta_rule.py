@@ -12,18 +12,12 @@ import pytest
 
 from pallas_kernels import gated_delta_rule, gated_delta_rule_step
 from pallas_kernels.gated_delta_rule import unit_lower_inverse
+from tests.numerics import cast, rel
 
 run = jax.jit(gated_delta_rule, static_argnames=("scale", "output_final_state", "chunk_size", "impl"))
 step = jax.jit(gated_delta_rule_step)
 
 
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
-
-
-def cast(dtype, *xs):
-    return [None if x is None else jnp.asarray(x, dtype) for x in xs]
 
 
 def make_inputs(seed, b, t, h, dk, dv, with_state=True):

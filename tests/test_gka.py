@@ -9,6 +9,7 @@ import pytest
 
 from pallas_kernels.gka import gka, gka_step
 from pallas_kernels.simple_gla import simple_gla
+from tests.numerics import rel
 
 R = 0.02  # ridge strength (SPEC §5)
 
@@ -19,11 +20,6 @@ def x64():
     with jax.enable_x64(True):
         yield
 
-
-def rel(a, b):
-    """max|a − b| / max|b|, in float64 numpy."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def make_inputs(seed, b, t, h, dk, dv, dtype, with_state=False):

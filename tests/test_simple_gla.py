@@ -11,14 +11,11 @@ import numpy as np
 import pytest
 
 from pallas_kernels import simple_gla, simple_gla_step
+from tests.numerics import cast, rel
 
 run = jax.jit(simple_gla, static_argnames=("scale", "output_final_state", "chunk_size", "impl"))
 step = jax.jit(simple_gla_step)
 
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / np.abs(b).max()
 
 
 def make_inputs(seed, b, t, h, dk, dv, with_state=True):
@@ -30,9 +27,6 @@ def make_inputs(seed, b, t, h, dk, dv, with_state=True):
     s0 = rng.standard_normal((b, h, dk, dv)) if with_state else None
     return q, k, v, g, s0
 
-
-def cast(dtype, *xs):
-    return [None if x is None else jnp.asarray(x, dtype) for x in xs]
 
 
 SHAPES = [  # (B, T, H, K, V, with initial state)
