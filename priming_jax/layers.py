@@ -16,7 +16,7 @@ from flax import nnx
 
 from priming_jax.config import ModelConfig
 
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts")
+LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts", "conv")
 
 
 def param(rngs: nnx.Rngs, shape, axes: tuple[str, ...], dtype, init: str = "normal") -> nnx.Param:
