@@ -83,6 +83,7 @@ def smollm2_config(kind: str) -> ml_collections.ConfigDict:
     c.hybrid.gka_num_iter = 10
     c.data.seq_len = 256
     c.data.eval_batches = 4
+    c.train.log_every = 1
     c.train.compute_dtype = "float32"  # XLA:CPU runs bf16 matmuls far slower than fp32
     # Sized for ≤ 25 minutes on 2 CPU cores (≈ 10 s per align step, ≈ 25 s per posttrain step of 2048 tokens).
     c.align.update(steps=30, batch_size=8, lr=3e-3, warmup_steps=3, target="local_mixer")
