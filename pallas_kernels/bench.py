@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     x = inputs(args.b, args.t, args.h, args.d, jnp.dtype(args.dtype))
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, impl {args.impl}, "
           f"B={args.b} T={args.t} H={args.h} D={args.d} {args.dtype}")
-    print(f"| op | fwd ms | fwd+bwd ms |\n|---|---|---|")
+    print("| op | fwd ms | fwd+bwd ms |\n|---|---|---|")
     for name, op in ops(args.impl, args.num_iter).items():
         fwd = jax.jit(op)
         loss = lambda *a, op=op: jnp.sum(op(*a).astype(jnp.float32) ** 2)

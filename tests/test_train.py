@@ -1,13 +1,10 @@
 """The training loop: only the selected parameters move, resumption is exact, SIGTERM saves first."""
 
-import json
 import os
 import signal
 
-import jax
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 import priming_jax
 from priming_jax.checkpoint import as_numpy_dict
