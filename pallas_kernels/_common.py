@@ -80,3 +80,17 @@ def chunk_decay(g):
     seg = jnp.cumsum(jnp.where(strict, g[..., :, None], 0), axis=-2)
     decay = jnp.where(causal, jnp.exp(seg), 0)
     return jnp.cumsum(g, axis=-1), decay
+
+
+def prepare(op: str, q, k, v, initial_state, scale, chunk_size: int):
+    """Accumulation/output dtypes, the default scale K^-1/2 and the initial state (zeros when None)."""
+    if chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
+    dtype, out_dtype = acc_dtype(q, k, v), v.dtype
+    b, _, h, dk = q.shape
+    scale = dk**-0.5 if scale is None else scale
+    if initial_state is None:
+        state = jnp.zeros((b, h, dk, v.shape[-1]), dtype)
+    else:
+        state = initial_state.astype(dtype)
+    return dtype, out_dtype, scale, state

@@ -10,7 +10,8 @@ the scan over chunks carries S₀, and outputs follow as in simple GLA with U in
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, resolve_impl, to_chunks
+from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, prepare, resolve_impl,
+                                    to_chunks)
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -100,15 +101,7 @@ def gated_delta_rule(
     """
     impl = resolve_impl("gated_delta_rule", impl)
     check_qkv("gated_delta_rule", q, k, v, {"g": g, "beta": beta}, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"gated_delta_rule: chunk_size must be positive, got {chunk_size}")
-    dtype, out_dtype = acc_dtype(q, k, v), v.dtype
-    b, _, h, dk = q.shape
-    scale = dk**-0.5 if scale is None else scale
-    if initial_state is None:
-        state = jnp.zeros((b, h, dk, v.shape[-1]), dtype)
-    else:
-        state = initial_state.astype(dtype)
+    dtype, out_dtype, scale, state = prepare("gated_delta_rule", q, k, v, initial_state, scale, chunk_size)
     q, k, v, g, beta = (x.astype(dtype) for x in (q, k, v, g, beta))
     if impl == "reference":
         o, state = _reference(q, k, v, g, beta, state, scale)

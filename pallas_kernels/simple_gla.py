@@ -9,7 +9,8 @@ The chunk-local terms are computed for all chunks at once; only the cheap state 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, resolve_impl, to_chunks
+from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, prepare, resolve_impl,
+                                    to_chunks)
 
 
 def _step(q, k, v, g, state, scale):
@@ -58,15 +59,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     """
     impl = resolve_impl("simple_gla", impl)
     check_qkv("simple_gla", q, k, v, {"g": g}, initial_state)
-    if chunk_size < 1:
-        raise ValueError(f"simple_gla: chunk_size must be positive, got {chunk_size}")
-    dtype, out_dtype = acc_dtype(q, k, v), v.dtype
-    b, _, h, dk = q.shape
-    scale = dk**-0.5 if scale is None else scale
-    if initial_state is None:
-        state = jnp.zeros((b, h, dk, v.shape[-1]), dtype)
-    else:
-        state = initial_state.astype(dtype)
+    dtype, out_dtype, scale, state = prepare("simple_gla", q, k, v, initial_state, scale, chunk_size)
     q, k, v, g = (x.astype(dtype) for x in (q, k, v, g))
     if impl == "reference":
         o, state = _reference(q, k, v, g, state, scale)

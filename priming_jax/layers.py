@@ -102,36 +102,47 @@ def attend(q, k, v, q_pos, k_pos, window: int | None, kv_valid=None, implementat
     return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask[:, None], implementation="xla")
 
 
+def declare_qkvo(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs) -> None:
+    """q/k/v/o projections (+ Qwen2 qkv biases, o bias) on `module`, with the names the HF key table and the
+    weight transfer use; shared by attention and the GKA/GDN mixers primed from it."""
+    d, h, kv, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+    module.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
+    module.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
+    module.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
+    module.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
+    if cfg.qkv_bias:
+        module.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), dt, init="zeros")
+        module.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), dt, init="zeros")
+        module.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), dt, init="zeros")
+    if cfg.o_bias:
+        module.o_bias = param(rngs, (d,), ("embed",), dt, init="zeros")
+    module.qkv_bias, module.has_o_bias = cfg.qkv_bias, cfg.o_bias
+
+
+def project_qkv(module: nnx.Module, x):
+    """The q [B,T,H,d], k, v [B,T,Hkv,d] projections (before any norm, conv or RoPE)."""
+    q = jnp.einsum("btd,dhk->bthk", x, module.q[...])
+    k = jnp.einsum("btd,dhk->bthk", x, module.k[...])
+    v = jnp.einsum("btd,dhk->bthk", x, module.v[...])
+    if module.qkv_bias:
+        q, k, v = q + module.q_bias[...], k + module.k_bias[...], v + module.v_bias[...]
+    return q, k, v
+
+
 class Attention(nnx.Module):
     """Multi-head attention with GQA, RoPE, optional qkv bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
-        d, h, kv, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
-        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
-        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
-        if cfg.qkv_bias:
-            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), dt, init="zeros")
-            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), dt, init="zeros")
-            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), dt, init="zeros")
-        if cfg.o_bias:
-            self.o_bias = param(rngs, (d,), ("embed",), dt, init="zeros")
+        hd, dt = cfg.head_dim, cfg.dtype
+        declare_qkvo(self, cfg, rngs)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", dt, rngs)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", dt, rngs)
-        self.qkv_bias, self.o_bias_on, self.qk_norm = cfg.qkv_bias, cfg.o_bias, cfg.qk_norm
+        self.qk_norm = cfg.qk_norm
         self.window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.inv_freq = tuple(rope_inv_freq(cfg).tolist())  # static: derived from the config, never saved
 
-    def qkv(self, x):
-        """Projections before RoPE, [B, T, heads, head_dim]; also used by the weight transfer's checks."""
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
-        if self.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        return q, k, v
+    qkv = project_qkv
 
     def __call__(self, x, positions, cache=None):
         q, k, v = self.qkv(x)
@@ -151,7 +162,7 @@ class Attention(nnx.Module):
                          jnp.broadcast_to(slots, valid.shape), self.window, valid)
             cache = dict(cache, k=k_all, v=v_all)
         y = jnp.einsum("bthk,hkd->btd", out, self.o[...])
-        if self.o_bias_on:
+        if self.has_o_bias:
             y = y + self.o_bias[...]
         return y, cache
 

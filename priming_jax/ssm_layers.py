@@ -16,7 +16,7 @@ from flax import nnx
 
 import pallas_kernels as ops
 from priming_jax.config import ModelConfig
-from priming_jax.layers import RMSNorm, param
+from priming_jax.layers import RMSNorm, declare_qkvo, param, project_qkv
 
 def l2_normalize(x, eps: float = 1e-6):
     """x / (‖x‖ + eps) over the head dimension, in fp32."""
@@ -74,17 +74,8 @@ class _DeltaFamily(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
         ssm = cfg.ssm
         d, h, kv, hd, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
-        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
-        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
-        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt)
+        declare_qkvo(self, cfg, rngs)
         self.g_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt)
-        if cfg.qkv_bias:
-            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), dt, init="zeros")
-            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), dt, init="zeros")
-            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), dt, init="zeros")
-        if cfg.o_bias:
-            self.o_bias = param(rngs, (d,), ("embed",), dt, init="zeros")
         self.conv_q = ShortConv(h, hd, ssm.conv_width, "heads", dt, rngs)
         self.conv_k = ShortConv(kv, hd, ssm.conv_width, "kv_heads", dt, rngs)
         self.conv_v = ShortConv(kv, hd, ssm.conv_width, "kv_heads", dt, rngs)
@@ -93,17 +84,9 @@ class _DeltaFamily(nnx.Module):
         self.A_log, self.dt_bias = fresh_decay_params(rngs, h)
         self.o_norm = RMSNorm(hd, self.norm_eps, "head_dim", dt, rngs)
         self.groups = h // kv
-        self.qkv_bias, self.has_o_bias = cfg.qkv_bias, cfg.o_bias
         self.chunk_size, self.impl = ssm.chunk_size, ssm.impl
 
-    def project(self, x):
-        """The raw q [B,T,H,d], k, v [B,T,Hkv,d] projections (before convs), as attention computes them."""
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...])
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...])
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...])
-        if self.qkv_bias:
-            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        return q, k, v
+    project = project_qkv  # the raw projections before convs, exactly as attention computes them
 
     def features(self, x, cache):
         """Conv'd, GQA-expanded, L2-normalized q, k and v, β [B,T,H], decay g [B,T,H], updated conv states."""
