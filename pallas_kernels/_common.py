@@ -11,21 +11,30 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference", "chunked", "pallas", "auto")
+from pallas_kernels._pallas import backend_for
+
+IMPLS = ("reference", "chunked", "pallas", "pallas_triton", "pallas_mosaic", "auto")
 
 # Full-precision float32 matmuls (no TF32 on GPUs): the chunked forms are the accuracy reference for kernels.
 einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
 
-def resolve_impl(op: str, impl: str) -> str:
-    """Map the user's impl choice to "reference" or "chunked"; Pallas kernels will slot in here."""
+def resolve_impl(op: str, impl: str, dtype) -> str:
+    """Map the user's impl choice to "reference", "chunked", "pallas_triton" or "pallas_mosaic".
+
+    "auto" picks the Pallas kernels on GPUs and TPUs (float32/bfloat16 inputs) and the chunked XLA form elsewhere;
+    "pallas" picks the platform's kernel variant (interpreted on a CPU, slow: for tests).
+    """
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+        impl = "pallas" if on_accelerator and jnp.dtype(dtype) != jnp.float64 else "chunked"
     if impl == "pallas":
-        raise ValueError(
-            f"{op}: Pallas kernels for {op} are not available yet; use impl='chunked' or 'reference'"
-        )
-    return "chunked" if impl == "auto" else impl
+        impl = "pallas_" + backend_for().name
+    if impl.startswith("pallas") and jnp.dtype(dtype) == jnp.float64:
+        raise ValueError(f"{op}: the Pallas kernels compute in float32; use impl='chunked' for float64 inputs")
+    return impl
 
 
 def acc_dtype(*arrays) -> jnp.dtype:
@@ -94,3 +103,30 @@ def prepare(op: str, q, k, v, initial_state, scale, chunk_size: int):
     else:
         state = initial_state.astype(dtype)
     return dtype, out_dtype, scale, state
+
+
+def to_head_chunks(x, chunk_size: int):
+    """[B, T, H, ...] → [B·H, N, C, ...] (T zero-padded to N·C): the layout of the Pallas kernels' grids."""
+    b, t, h = x.shape[:3]
+    n = -(-t // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(b, n, chunk_size, h, *x.shape[3:])
+    return jnp.moveaxis(x, 3, 1).reshape(b * h, n, chunk_size, *x.shape[4:])
+
+
+def from_head_chunks(x, b: int, t: int):
+    """[B·H, N, C, ...] → [B, T, H, ...], dropping the padding."""
+    bh, n, c = x.shape[:3]
+    x = jnp.moveaxis(x.reshape(b, bh // b, n * c, *x.shape[3:]), 1, 2)
+    return x[:, :t]
+
+
+def pallas_prologue(op: str, q, k, v, g, state, chunk_size: int):
+    """The Pallas paths' common start: head-chunked q, k, v in their own dtype, float32 log decays with their
+    in-chunk prefix and decay matrix, and the state in float32."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"{op}: the Pallas kernels need a power-of-two chunk_size ≥ 16, got {chunk_size}")
+    q, k, v = (to_head_chunks(x, chunk_size) for x in (q, k, v))
+    g = to_head_chunks(g.astype(jnp.float32), chunk_size)
+    prefix, decay = chunk_decay(g)
+    return q, k, v, g, prefix, decay, state.astype(jnp.float32).reshape(-1, *state.shape[2:])

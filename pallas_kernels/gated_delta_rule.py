@@ -7,11 +7,17 @@ So with T = (I + A)⁻¹ (exact forward substitution), W = T diag(β e^G) K and 
 the scan over chunks carries S₀, and outputs follow as in simple GLA with U in place of V.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, prepare, resolve_impl,
-                                    to_chunks)
+from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
+                                    pallas_prologue, prepare, resolve_impl, to_chunks, to_head_chunks)
+from pallas_kernels._pallas import backend_for
+from pallas_kernels.chunk_scan import scan
+from pallas_kernels.simple_gla import scores
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -32,28 +38,55 @@ def _reference(q, k, v, g, beta, state, scale):
     return jnp.moveaxis(o, 0, 1), state
 
 
-@jax.custom_vjp
-def unit_lower_inverse(a):
-    """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], by forward substitution over the rows.
-
-    Exact (unlike a truncated Neumann series, which blows up when entries of a approach 1), and C cheap batched
-    vector-matrix products; the custom VJP keeps backward to two matmuls instead of C saved intermediates.
-    """
-    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+def _substitute(a, start, stop, inv):
+    """Rows start..stop−1 of (I + a)⁻¹ by forward substitution (a strictly lower [C, C], earlier rows of inv
+    done, later rows zero). Row i: inv_i = e_i − Σ_{j<i} a_ij inv_j. Masks instead of dynamic slices, so the same
+    code runs in XLA and inside Pallas kernels (Triton and Mosaic)."""
+    c = a.shape[-1]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    a_t = jnp.swapaxes(a, -1, -2)
 
     def row(i, inv):
-        # Row i of (I + a)·inv = I, with rows ≥ i of inv still zero: inv_i = e_i − Σ_{j<i} a_ij inv_j.
-        return inv.at[..., i, :].set(eye[i] - einsum("...j,...jk->...k", a[..., i, :], inv))
+        a_i = jnp.sum(jnp.where(cols == i, a_t, 0), axis=-1, keepdims=True)  # column j holds a_ij
+        new = jnp.where(cols == i, 1.0, 0.0)[..., :1, :] - jnp.sum(a_i * inv, axis=-2, keepdims=True)
+        return jnp.where(rows == i, new, inv)
 
-    return jax.lax.fori_loop(0, a.shape[-1], row, jnp.zeros_like(a))
+    return jax.lax.fori_loop(start, stop, row, inv)
 
 
-def _inverse_fwd(a):
-    inv = unit_lower_inverse(a)
+def _inverse_kernel(a_ref, inv_ref):
+    a = a_ref[...].astype(jnp.float32)
+    eye = jnp.where(jax.lax.broadcasted_iota(jnp.int32, a.shape, 0)
+                    == jax.lax.broadcasted_iota(jnp.int32, a.shape, 1), 1.0, 0.0)
+    inv_ref[...] = _substitute(a, 1, a.shape[-1], eye)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def unit_lower_inverse(backend, a):
+    """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], exactly (by forward substitution).
+
+    Exact, unlike a truncated Neumann series, which blows up when entries of a approach 1. backend None: C
+    batched vector-matrix steps in XLA; a Pallas Backend: one kernel program per matrix, the matrix in registers
+    (Triton) or VMEM (Mosaic). The custom VJP keeps backward to two matmuls.
+    """
+    if backend is None:
+        return _substitute(a, 0, a.shape[-1], jnp.zeros_like(a))
+    c = a.shape[-1]
+    flat = a.reshape(-1, c, c)
+    spec = pl.BlockSpec((None, c, c), lambda i: (i, 0, 0))
+    inv = backend.call(_inverse_kernel, grid=(flat.shape[0],), in_specs=[spec], out_specs=spec,
+                       out_shape=jax.ShapeDtypeStruct(flat.shape, jnp.float32), semantics=("parallel",),
+                       name="unit_lower_inverse")(flat)
+    return inv.reshape(a.shape).astype(a.dtype)
+
+
+def _inverse_fwd(backend, a):
+    inv = unit_lower_inverse(backend, a)
     return inv, inv
 
 
-def _inverse_bwd(inv, d_inv):
+def _inverse_bwd(backend, inv, d_inv):
     # d(I + a)⁻¹ = −inv·da·inv, so ā = −invᵀ·d_inv·invᵀ, on the strictly lower entries that a contributes.
     return (jnp.tril(-einsum("...ji,...jk,...lk->...il", inv, d_inv, inv), -1),)
 
@@ -69,7 +102,7 @@ def _chunked(q, k, v, g, beta, state, scale, chunk_size):
     gamma, to_end = jnp.exp(prefix), decay[..., -1, :]
     strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
     a = jnp.where(strict, beta[..., None] * einsum("bnhtk,bnhsk->bnhts", k, k) * decay, 0)
-    tri = unit_lower_inverse(a)
+    tri = unit_lower_inverse(None, a)
     w = einsum("bnhts,bnhsk->bnhtk", tri, (beta * gamma)[..., None] * k)
     u_tilde = einsum("bnhts,bnhsv->bnhtv", tri, beta[..., None] * v)
 
@@ -89,6 +122,21 @@ def _chunked(q, k, v, g, beta, state, scale, chunk_size):
     return from_chunks(scale * (inter + intra), t), state
 
 
+def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
+    b, t, h, _ = q.shape
+    q, k, v, g, prefix, decay, state = pallas_prologue("gated_delta_rule", q, k, v, g, state, chunk_size)
+    beta = to_head_chunks(beta.astype(jnp.float32), chunk_size)[..., None]
+    gamma = jnp.exp(prefix)
+    strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
+    tri = unit_lower_inverse(backend, jnp.where(strict, beta * scores(k, k) * decay, 0))
+    w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k)
+    u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v)
+    starts, state, u = scan(backend, decay[..., -1, :, None] * k, u_tilde, w, gamma[..., -1], state)
+    o = scale * (gamma[..., None] * jnp.einsum("...ck,...kv->...cv", q.astype(jnp.float32), starts)
+                 + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, u))
+    return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
+
+
 def gated_delta_rule(
     q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64, impl="auto"
 ):
@@ -97,11 +145,15 @@ def gated_delta_rule(
     q, k [B, T, H, K] (L2-normalized by the layer), v [B, T, H, V], g [B, T, H] log decay (≤ 0), beta [B, T, H]
     in (0, 1); initial_state [B, H, K, V] or None (zeros).
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] in float32/float64 or None).
-    impl: "reference" (per-token scan), "chunked", "auto" (= "chunked" until Pallas kernels land), "pallas".
+    impl: "reference" (per-token scan), "chunked" (XLA), "pallas" (this platform's kernels, interpreted on a CPU),
+    "pallas_triton" / "pallas_mosaic" (one variant), "auto" (Pallas on GPU/TPU, chunked elsewhere).
     """
-    impl = resolve_impl("gated_delta_rule", impl)
     check_qkv("gated_delta_rule", q, k, v, {"g": g, "beta": beta}, initial_state)
     dtype, out_dtype, scale, state = prepare("gated_delta_rule", q, k, v, initial_state, scale, chunk_size)
+    impl = resolve_impl("gated_delta_rule", impl, dtype)
+    if impl.startswith("pallas"):
+        o, state = _pallas(backend_for(impl[7:]), q, k, v, g, beta, state, scale, chunk_size)
+        return o.astype(out_dtype), (state if output_final_state else None)
     q, k, v, g, beta = (x.astype(dtype) for x in (q, k, v, g, beta))
     if impl == "reference":
         o, state = _reference(q, k, v, g, beta, state, scale)

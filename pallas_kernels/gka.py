@@ -15,12 +15,17 @@ Gradients of the solve are implicit (one more Chebyshev solve with the transpose
 never the unrolled iterations.
 """
 
+import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from pallas_kernels._common import acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, resolve_impl, to_chunks
+from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
+                                    pallas_prologue, resolve_impl, to_chunks)
+from pallas_kernels._pallas import Backend, backend_for, dot, pad_axis, pow2_at_least
+from pallas_kernels.chunk_scan import scan
 from pallas_kernels.simple_gla import simple_gla
 
 __all__ = ["gka", "gka_step"]
@@ -48,28 +53,40 @@ def _chebyshev(apply_h, q, lam, f, num_iter):
     return jax.lax.fori_loop(0, num_iter, body, init)[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Solver:
+    """num_iter Chebyshev iterations, in XLA (backend None) or in the Pallas kernel (chunk operators only)."""
+
+    num_iter: int
+    backend: Backend | None = None
+
+    def __call__(self, apply_h, ops, rhs, lam, f):
+        if self.backend is None:
+            return _chebyshev(partial(apply_h, ops), rhs, lam, f, self.num_iter)
+        return _chebyshev_pallas(self.backend, self.num_iter, ops, rhs, lam, f)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ridge_solve(apply_h, num_iter, ops, lam, f, q):
+def _ridge_solve(apply_h, solver, ops, lam, f, q):
     """x ≈ (H(ops) + λI)⁻¹ q row by row; x = q where f = 0 (no keys yet: nothing to whiten against).
 
     apply_h(ops, x) applies the symmetric PSD H (‖H‖₂ ≤ f) to every row of x. λ and f are [..., 1].
     """
-    return _ridge_solve_fwd(apply_h, num_iter, ops, lam, f, q)[0]
+    return _ridge_solve_fwd(apply_h, solver, ops, lam, f, q)[0]
 
 
-def _ridge_solve_fwd(apply_h, num_iter, ops, lam, f, q):
-    x = _chebyshev(partial(apply_h, ops), q, lam, f, num_iter)
-    x = jnp.where(f > 0, x, q)
+def _ridge_solve_fwd(apply_h, solver, ops, lam, f, q):
+    x = jnp.where(f > 0, solver(apply_h, ops, q, lam, f), q)
     return x, (ops, lam, f, x)
 
 
-def _ridge_solve_bwd(apply_h, num_iter, res, dx):
+def _ridge_solve_bwd(apply_h, solver, res, dx):
     # x = A⁻¹q with A = H + λI symmetric: dq = A⁻¹dx, dA = −dq xᵀ, which reaches the operator's inputs as the
     # VJP of ops ↦ H(ops)x at −dq, and λ as −dq·x. f only sets the Chebyshev constants: the exact solution does
     # not depend on it (its true dependence on H is carried by λ = r·f outside this function).
     ops, lam, f, x = res
     has_keys = f > 0
-    dq = jnp.where(has_keys, _chebyshev(partial(apply_h, ops), dx, lam, f, num_iter), 0)
+    dq = jnp.where(has_keys, solver(apply_h, ops, dx, lam, f), 0)
     _, vjp = jax.vjp(lambda o: apply_h(o, x), ops)
     (dops,) = vjp(-dq)
     dlam = -jnp.sum(dq * x, axis=-1, keepdims=True)
@@ -92,13 +109,43 @@ def _apply_chunk(ops, x):
     return decay[..., None] * hx + einsum("...cs,...sk->...ck", xk, k)
 
 
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter):
+    """One chunk's Chebyshev solve with everything in registers / VMEM for all iterations."""
+    h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
+    k = k_ref[...].astype(jnp.float32)
+
+    def apply_h(x):
+        return decay * dot(x, h0) + dot(dot(x, k, tb=True) * mask, k)
+
+    x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
+
+
+def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
+    """The chunk operator's solve as a Pallas kernel: one program per chunk. ops as for _apply_chunk, with
+    leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
+    h0, decay, mask, k = ops
+    lead, (c, dk) = rhs.shape[:-2], rhs.shape[-2:]
+    kp = pow2_at_least(dk) if backend.name == "triton" else dk
+    flat = lambda x, *tail: x.reshape(-1, *tail)
+    h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
+    k, x = (pad_axis(flat(a, c, dk), -1, kp) for a in (k, rhs))
+    column = lambda a: flat(a, c, 1).astype(jnp.float32)
+    args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
+    spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+    x = backend.call(partial(_chebyshev_kernel, num_iter=num_iter), grid=(h0.shape[0],),
+                     in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
+                     out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                     semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args)
+    return x[..., :dk].reshape(*lead, c, dk)
+
+
 def _token_update(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter):
     """One token of GKA in solver precision: q, k [..., K], v [..., V], alpha, g [...]."""
     a = jnp.exp(g)[..., None, None]
     h_kk = a * h_kk + k[..., :, None] * k[..., None, :]
     h_kv = a * h_kv + k[..., :, None] * v[..., None, :]
     f = _safe_sqrt(jnp.sum(h_kk * h_kk, axis=(-2, -1)))[..., None]
-    x = _ridge_solve(_apply_dense, num_iter, h_kk, ridge_strength * f, f, q)
+    x = _ridge_solve(_apply_dense, Solver(num_iter), h_kk, ridge_strength * f, f, q)
     q_tilde = q + alpha[..., None] * (x - q)
     o = scale * einsum("...k,...kv->...v", q_tilde, h_kv)
     return o, h_kk, h_kv
@@ -151,8 +198,21 @@ def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     h0, h_final = _chunk_start_states(k, prefix, mask_decay[..., -1, :], h_kk)
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
-    x = _ridge_solve(_apply_chunk, num_iter, (h0, decay, mask_decay, k), ridge_strength * f, f, q)
+    x = _ridge_solve(_apply_chunk, Solver(num_iter), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
     return from_chunks(x, t), h_final
+
+
+def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
+    """_chunked_solve on the Pallas kernels: H₀ of every chunk from chunk_scan (values = keys), then one
+    Chebyshev kernel program per chunk, forward and for the implicit backward solve."""
+    b, t, h, dk = q.shape
+    q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, k, g, h_kk, chunk_size)
+    h0, h_final, _ = scan(backend, mask_decay[..., -1, :, None] * k, k, None, jnp.exp(prefix[..., -1]), h_kk)
+    decay = jnp.exp(prefix)
+    f = _chunk_frobenius(h0, decay, mask_decay, k.astype(jnp.float32))[..., None]
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f,
+                     q.astype(jnp.float32))
+    return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 
 def _check_common(op, q, k, v, alpha, g, state, num_iter):
@@ -193,7 +253,8 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
       num_iter: Chebyshev iterations (30 ≈ 2e-4 relative solve error, 10 ≈ 6e-2).
       initial_state: None or (h_kk [B, H, K, K] symmetric PSD, h_kv [B, H, K, V]).
       chunk_size: tokens per chunk of the chunked form; T need not be a multiple of it.
-      impl: "chunked" (and "auto") or "reference" (token-by-token scan, for tests); "pallas" is not available yet.
+      impl: "reference" (token-by-token scan, for tests), "chunked" (XLA), "pallas" (this platform's kernels,
+        interpreted on a CPU), "pallas_triton" / "pallas_mosaic", "auto" (Pallas on GPU/TPU, chunked elsewhere).
 
     Returns:
       (o [B, T, H, V] in v's dtype, (h_kk, h_kv) final states in fp32 (float64 for float64 inputs),
@@ -203,13 +264,19 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
     part is the gradient within symmetric states. In float32, o carries rounding of about ε·max|x|·‖h_kv‖ since
     x ≈ q/λ is large where no recent key points (measured up to ~1e-4 of max|o| with a single key, ~2e-5 typical).
     """
-    impl = resolve_impl("gka", impl)
     h_kk, h_kv = _check_common("gka", q, k, v, alpha, g, initial_state, num_iter)
     if chunk_size < 1:
         raise ValueError(f"gka: chunk_size must be positive, got {chunk_size}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype, out_dtype = acc_dtype(q, k, v), v.dtype
+    impl = resolve_impl("gka", impl, dtype)
     h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
+    if impl.startswith("pallas"):
+        x, h_kk = _pallas_solve(backend_for(impl[7:]), q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
+        q_tilde = q + alpha[..., None] * (x - q)
+        o, h_kv = simple_gla(q_tilde, k, v, g, scale=scale, initial_state=h_kv, output_final_state=True,
+                             chunk_size=chunk_size, impl=impl)
+        return o.astype(out_dtype), ((h_kk, h_kv) if output_final_state else None)
     q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
     if impl == "reference":
         o, (h_kk, h_kv) = _reference(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter)

@@ -3,14 +3,18 @@
 Recurrence per head: S_t = e^{g_t} S_{t−1} + k_t v_tᵀ (S is [K, V]), o_t = scale · S_tᵀ q_t.
 Chunked form (SPEC §7), per chunk of C tokens with incoming state S₀, G = in-chunk cumsum(g), M the masked decay:
 O = scale·(diag(e^G) Q S₀ + ((Q Kᵀ) ∘ M) V), and S₀ ← e^{G_C} S₀ + (K ∘ e^{G_C − G})ᵀ V.
-The chunk-local terms are computed for all chunks at once; only the cheap state recurrence runs in a lax.scan.
+The chunk-local terms are computed for all chunks at once; only the cheap state recurrence runs in a lax.scan
+("chunked") or in the Pallas chunk_scan kernel ("pallas"), where products of the inputs alone (Q Kᵀ) run in the
+input dtype and everything touching decays or states in float32.
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, prepare, resolve_impl,
-                                    to_chunks)
+from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
+                                    pallas_prologue, prepare, resolve_impl, to_chunks)
+from pallas_kernels._pallas import backend_for
+from pallas_kernels.chunk_scan import scan
 
 
 def _step(q, k, v, g, state, scale):
@@ -50,16 +54,35 @@ def _chunked(q, k, v, g, state, scale, chunk_size):
     return from_chunks(scale * (inter + intra), t), state
 
 
+def _pallas(backend, q, k, v, g, state, scale, chunk_size):
+    b, t, h, _ = q.shape
+    q, k, v, g, prefix, decay, state = pallas_prologue("simple_gla", q, k, v, g, state, chunk_size)
+    to_end = decay[..., -1, :, None]
+    starts, state, _ = scan(backend, k * to_end, v, None, jnp.exp(prefix[..., -1]), state)
+    o = scale * (jnp.exp(prefix)[..., None] * jnp.einsum("...ck,...kv->...cv", q.astype(jnp.float32), starts)
+                 + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, v.astype(jnp.float32)))
+    return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
+
+
+def scores(q, k):
+    """Q Kᵀ per chunk ([.., C, K] each) in the inputs' dtype with float32 accumulation."""
+    return jnp.einsum("...tk,...sk->...ts", q, k, preferred_element_type=jnp.float32)
+
+
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
     """Simple GLA over a sequence.
 
     q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] log decay (≤ 0); initial_state [B, H, K, V] or None (zeros).
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] in float32/float64 or None).
-    impl: "reference" (per-token scan), "chunked", "auto" (= "chunked" until Pallas kernels land), "pallas".
+    impl: "reference" (per-token scan), "chunked" (XLA), "pallas" (this platform's kernels, interpreted on a CPU),
+    "pallas_triton" / "pallas_mosaic" (one variant), "auto" (Pallas on GPU/TPU, chunked elsewhere).
     """
-    impl = resolve_impl("simple_gla", impl)
     check_qkv("simple_gla", q, k, v, {"g": g}, initial_state)
     dtype, out_dtype, scale, state = prepare("simple_gla", q, k, v, initial_state, scale, chunk_size)
+    impl = resolve_impl("simple_gla", impl, dtype)
+    if impl.startswith("pallas"):
+        o, state = _pallas(backend_for(impl[7:]), q, k, v, g, state, scale, chunk_size)
+        return o.astype(out_dtype), (state if output_final_state else None)
     q, k, v, g = (x.astype(dtype) for x in (q, k, v, g))
     if impl == "reference":
         o, state = _reference(q, k, v, g, state, scale)

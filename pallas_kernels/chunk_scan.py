@@ -1,0 +1,274 @@
+"""The sequential half of every chunked SSM op as a Pallas kernel: carry a [K, V] state across chunks.
+
+Per chunk n with decayed keys kw_n = k ∘ e^{G_C − G} [C, K], values ũ_n [C, V], optional correction keys
+w_n [C, K] and chunk decay d_n = e^{G_C}:
+
+    u_n = ũ_n − w_n S_n               (gated delta rule; u_n = ũ_n without w)
+    S_{n+1} = d_n S_n + kw_nᵀ u_n
+
+It returns the state entering every chunk (what the parallel output stage reads), the final state and, with w,
+the corrected values u. simple GLA (and Mamba-2's SSD) and GKA's key statistics H (ũ = k) use it without w,
+the gated delta rule with w. Everything chunk-local around it is batched over all chunks at once in XLA.
+
+Backward (custom VJP) runs the same loop from the last chunk, with dS the cotangent of S_{n+1}:
+    du_n = ū_n + kw_n dS,  d kw_n = u_n dSᵀ,  d ũ_n = du_n,  d w_n = −du_n S_nᵀ,  d d_n = ⟨S_n, dS⟩,
+    dS ← d_n dS − w_nᵀ du_n + (cotangent of the saved state S_n).
+The state is split into V blocks (programs of their own); d kw, d w and d d are summed over them afterwards.
+States are float32, matmuls accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels._pallas import Backend, dot, pad_axis, pow2_at_least
+
+f32 = jnp.float32
+
+
+def _block_v(backend: Backend, v: int, block_v: int | None) -> int:
+    """V columns per program: Mosaic wants multiples of 128 (or all of V), Triton powers of two."""
+    if backend.name == "mosaic":
+        return 128 if v % 128 == 0 else v
+    return min(v, block_v or 64)
+
+
+def _fwd_step(s, kw, u, w, d):
+    if w is not None:
+        u = u - dot(w, s)
+    return u, d * s + dot(kw, u, ta=True)
+
+
+def _bwd_step(ds, s, kw, u, w, d, dstart, du):
+    du = dot(kw, ds) if du is None else du + dot(kw, ds)
+    dkw = dot(u, ds, tb=True)
+    dd = jnp.sum(s * ds, keepdims=True)
+    ds_prev = d * ds + dstart
+    dw = None
+    if w is not None:
+        dw = -dot(du, s, tb=True)
+        ds_prev = ds_prev - dot(w, du, ta=True)
+    return du, dkw, dw, dd, ds_prev
+
+
+# ----------------------------------------------------------------------------------------------------- Triton
+def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
+    if has_w:
+        w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref = refs
+    else:
+        (d_ref, s0_ref, starts_ref, final_ref), w_ref, uout_ref = refs, None, None
+
+    def body(n, s):
+        starts_ref[n] = s.astype(starts_ref.dtype)
+        u, s = _fwd_step(s, kw_ref[n].astype(f32), u_ref[n].astype(f32),
+                         None if w_ref is None else w_ref[n].astype(f32), d_ref[n])
+        if uout_ref is not None:
+            uout_ref[n] = u.astype(uout_ref.dtype)
+        return s
+
+    final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(f32))
+
+
+def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
+    if has_w:
+        (w_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, duo_ref,
+         dkw_ref, du_ref, dd_ref, ds0_ref, dw_ref) = refs
+    else:
+        (d_ref, starts_ref, dstarts_ref, dfinal_ref, dkw_ref, du_ref, dd_ref, ds0_ref) = refs
+        w_ref = duo_ref = dw_ref = None
+
+    def body(i, ds):
+        n = n_chunks - 1 - i
+        du, dkw, dw, dd, ds = _bwd_step(
+            ds, starts_ref[n].astype(f32), kw_ref[n].astype(f32), u_ref[n].astype(f32),
+            None if w_ref is None else w_ref[n].astype(f32), d_ref[n], dstarts_ref[n].astype(f32),
+            None if duo_ref is None else duo_ref[n].astype(f32))
+        du_ref[n] = du.astype(du_ref.dtype)
+        dkw_ref[n] = dkw
+        dd_ref[n] = dd[0, 0]
+        if dw_ref is not None:
+            dw_ref[n] = dw
+        return ds
+
+    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...].astype(f32))
+
+
+# ----------------------------------------------------------------------------------------------------- Mosaic
+def _fwd_mosaic(kw_ref, u_ref, *refs, has_w):
+    if has_w:
+        w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, s_scr = refs
+    else:
+        (d_ref, s0_ref, starts_ref, final_ref, s_scr), w_ref, uout_ref = refs, None, None
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        s_scr[...] = s0_ref[...].astype(f32)
+
+    s = s_scr[...]
+    starts_ref[...] = s.astype(starts_ref.dtype)
+    u, s = _fwd_step(s, kw_ref[...].astype(f32), u_ref[...].astype(f32),
+                     None if w_ref is None else w_ref[...].astype(f32), d_ref[...])
+    if uout_ref is not None:
+        uout_ref[...] = u.astype(uout_ref.dtype)
+    s_scr[...] = s
+
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        final_ref[...] = s
+
+
+def _bwd_mosaic(kw_ref, u_ref, *refs, has_w):
+    if has_w:
+        (w_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, duo_ref,
+         dkw_ref, du_ref, dd_ref, ds0_ref, dw_ref, ds_scr) = refs
+    else:
+        (d_ref, starts_ref, dstarts_ref, dfinal_ref, dkw_ref, du_ref, dd_ref, ds0_ref, ds_scr) = refs
+        w_ref = duo_ref = dw_ref = None
+    i = pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _():
+        ds_scr[...] = dfinal_ref[...].astype(f32)
+
+    du, dkw, dw, dd, ds = _bwd_step(
+        ds_scr[...], starts_ref[...].astype(f32), kw_ref[...].astype(f32), u_ref[...].astype(f32),
+        None if w_ref is None else w_ref[...].astype(f32), d_ref[...], dstarts_ref[...].astype(f32),
+        None if duo_ref is None else duo_ref[...].astype(f32))
+    du_ref[...] = du.astype(du_ref.dtype)
+    dkw_ref[...] = dkw
+    dd_ref[...] = dd
+    if dw_ref is not None:
+        dw_ref[...] = dw
+    ds_scr[...] = ds
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _():
+        ds0_ref[...] = ds
+
+
+# ---------------------------------------------------------------------------------------------------- calls
+def _forward(backend: Backend, block_v, kw, u, w, decay, s0):
+    bh, n, c, k = kw.shape
+    v = u.shape[-1]
+    bv = _block_v(backend, v, block_v)
+    has_w = w is not None
+    out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), f32), jax.ShapeDtypeStruct((bh, k, v), f32)]
+    if has_w:
+        out_shape.append(jax.ShapeDtypeStruct((bh, n, c, v), f32))
+    ins = [kw, u] + ([w] if has_w else [])
+    if backend.name == "triton":
+        keys = pl.BlockSpec((None, n, c, k), lambda b, j: (b, 0, 0, 0))
+        vals = pl.BlockSpec((None, n, c, bv), lambda b, j: (b, 0, 0, j))
+        state = pl.BlockSpec((None, k, bv), lambda b, j: (b, 0, j))
+        in_specs = [keys, vals] + [keys] * has_w + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state]
+        out_specs = [pl.BlockSpec((None, n, k, bv), lambda b, j: (b, 0, 0, j)), state] + [vals] * has_w
+        call = backend.call(functools.partial(_fwd_triton, n_chunks=n, has_w=has_w), grid=(bh, v // bv),
+                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4,
+                            name="chunk_scan_fwd")
+        return call(*ins, decay, s0)
+    keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, i, 0, 0))
+    vals = pl.BlockSpec((None, None, c, bv), lambda b, j, i: (b, i, 0, j))
+    state = pl.BlockSpec((None, k, bv), lambda b, j, i: (b, 0, j))
+    scalar = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, i, 0, 0))
+    in_specs = [keys, vals] + [keys] * has_w + [scalar, state]
+    out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, i, 0, j)), state] + [vals] * has_w
+    call = backend.call(functools.partial(_fwd_mosaic, has_w=has_w), grid=(bh, v // bv, n), in_specs=in_specs,
+                        out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
+                        semantics=("parallel", "parallel", "arbitrary"), name="chunk_scan_fwd")
+    return call(*ins, decay[..., None, None], s0)
+
+
+def _backward(backend: Backend, block_v, kw, u, w, decay, starts, dstarts, dfinal, du_out):
+    bh, n, c, k = kw.shape
+    v = u.shape[-1]
+    bv = _block_v(backend, v, block_v)
+    nv = v // bv
+    has_w = w is not None
+    ins = [kw, u] + ([w] if has_w else []) + [decay]
+    rest = [starts, dstarts, dfinal] + ([du_out] if has_w else [])
+    out_shape = [jax.ShapeDtypeStruct((bh, nv, n, c, k), f32), jax.ShapeDtypeStruct((bh, n, c, v), f32),
+                 jax.ShapeDtypeStruct((bh, nv, n), f32), jax.ShapeDtypeStruct((bh, k, v), f32)]
+    if has_w:
+        out_shape.append(jax.ShapeDtypeStruct((bh, nv, n, c, k), f32))
+    if backend.name == "triton":
+        keys = pl.BlockSpec((None, n, c, k), lambda b, j: (b, 0, 0, 0))
+        vals = pl.BlockSpec((None, n, c, bv), lambda b, j: (b, 0, 0, j))
+        states = pl.BlockSpec((None, n, k, bv), lambda b, j: (b, 0, 0, j))
+        state = pl.BlockSpec((None, k, bv), lambda b, j: (b, 0, j))
+        per_block_keys = pl.BlockSpec((None, None, n, c, k), lambda b, j: (b, j, 0, 0, 0))
+        in_specs = ([keys, vals] + [keys] * has_w + [pl.BlockSpec((None, n), lambda b, j: (b, 0))]
+                    + [states, states, state] + [vals] * has_w)
+        out_specs = ([per_block_keys, vals, pl.BlockSpec((None, None, n), lambda b, j: (b, j, 0)), state]
+                     + [per_block_keys] * has_w)
+        call = backend.call(functools.partial(_bwd_triton, n_chunks=n, has_w=has_w), grid=(bh, nv),
+                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4,
+                            name="chunk_scan_bwd")
+        return call(*ins, *rest)
+    last = n - 1
+    keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, last - i, 0, 0))
+    vals = pl.BlockSpec((None, None, c, bv), lambda b, j, i: (b, last - i, 0, j))
+    states = pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, last - i, 0, j))
+    state = pl.BlockSpec((None, k, bv), lambda b, j, i: (b, 0, j))
+    scalar_in = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, last - i, 0, 0))
+    scalar_out = pl.BlockSpec((None, None, None, 1, 1), lambda b, j, i: (b, j, last - i, 0, 0))
+    per_block_keys = pl.BlockSpec((None, None, None, c, k), lambda b, j, i: (b, j, last - i, 0, 0))
+    in_specs = [keys, vals] + [keys] * has_w + [scalar_in, states, states, state] + [vals] * has_w
+    out_specs = [per_block_keys, vals, scalar_out, state] + [per_block_keys] * has_w
+    out_shape[2] = jax.ShapeDtypeStruct((bh, nv, n, 1, 1), f32)
+    call = backend.call(functools.partial(_bwd_mosaic, has_w=has_w), grid=(bh, nv, n), in_specs=in_specs,
+                        out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
+                        semantics=("parallel", "parallel", "arbitrary"), name="chunk_scan_bwd")
+    outs = call(*ins[:-1], decay[..., None, None], *rest)
+    return [*outs[:2], outs[2][..., 0, 0], *outs[3:]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def chunk_scan(backend: Backend, block_v, kw, u, w, decay, s0):
+    """(starts [BH, N, K, V], final [BH, K, V], u [BH, N, C, V] or None), all float32.
+
+    kw [BH, N, C, K], u [BH, N, C, V], w [BH, N, C, K] or None, decay [BH, N], s0 [BH, K, V].
+    block_v: V columns per Triton program (None: 64).
+    """
+    outs = _forward(backend, block_v, kw, u, w, decay.astype(f32), s0)
+    return outs[0], outs[1], (outs[2] if w is not None else None)
+
+
+def _chunk_scan_fwd(backend, block_v, kw, u, w, decay, s0):
+    starts, final, u_out = chunk_scan(backend, block_v, kw, u, w, decay, s0)
+    # Zero-size arrays carry the input dtypes to the backward pass (dtypes are not JAX values).
+    dtypes = (jnp.zeros((0,), u.dtype), jnp.zeros((0,), s0.dtype))
+    return (starts, final, u_out), (kw, u if w is None else u_out, w, decay, starts, dtypes)
+
+
+def _chunk_scan_bwd(backend, block_v, res, cts):
+    kw, u, w, decay, starts, (u_like, s0_like) = res
+    dstarts, dfinal, du_out = cts
+    if w is not None and du_out is None:
+        du_out = jnp.zeros_like(u)
+    outs = _backward(backend, block_v, kw, u, w, decay.astype(f32), starts, dstarts, dfinal,
+                     du_out.astype(f32) if w is not None else None)
+    dkw, du, dd, ds0 = outs[0].sum(1), outs[1], outs[2].sum(1), outs[3]
+    dw = outs[4].sum(1).astype(w.dtype) if w is not None else None
+    return dkw.astype(kw.dtype), du.astype(u_like.dtype), dw, dd.astype(decay.dtype), ds0.astype(s0_like.dtype)
+
+
+chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+
+def scan(backend: Backend, kw, u, w, decay, s0, *, block_v=None):
+    """chunk_scan on any K and V: the Triton variant zero-pads them to powers of two (zero rows and columns of
+    the state stay zero) and the results are cut back."""
+    k, v = kw.shape[-1], u.shape[-1]
+    kp, vp = (pow2_at_least(k), pow2_at_least(v)) if backend.name == "triton" else (k, v)
+    if (kp, vp) == (k, v):
+        return chunk_scan(backend, block_v, kw, u, w, decay, s0)
+    kw, w = (None if x is None else pad_axis(x, -1, kp) for x in (kw, w))
+    u, s0 = pad_axis(u, -1, vp), pad_axis(pad_axis(s0, -1, vp), -2, kp)
+    starts, final, u_out = chunk_scan(backend, block_v, kw, u, w, decay, s0)
+    return starts[..., :k, :v], final[:, :k, :v], (None if u_out is None else u_out[..., :v])
