@@ -1,9 +1,15 @@
-"""Time the SSM ops: forward and forward+backward, jitted, median of repeats after a warm-up.
+"""Time the SSM ops side by side: our Pallas kernels, our chunked XLA form and the PyTorch/Triton peers.
 
-    python -m pallas_kernels.bench [--impl chunked] [--b 1 --t 4096 --h 4 --d 64] [--dtype float32]
+    python -m pallas_kernels.bench                      # the kernels issue's shapes on this device, bf16
+    python -m pallas_kernels.bench --shapes 1x4096x4x64 --dtype float32 --impls chunked   # a CPU-sized run
 
-Prints one row per op with the device and JAX version. The Pallas kernels and the peer comparisons of the
-kernels issue will be added to this table; today it measures the chunked XLA forms.
+Forward and forward+backward (gradient of Σ o·r w.r.t. every input), jitted, median of repeats after a warm-up.
+Peers, timed in the same run when they import: flash-linear-attention's chunk_gated_delta_rule and
+chunk_simple_gla, and mamba_ssm's mamba_chunk_scan_combined (Mamba-2 SSD: 8 B/C groups, chunk 256) against our
+simple_gla fed the same problem (B, C repeated to the heads, v = Δ·x, log decay Δ·A).
+
+For our Pallas rows the table adds a FLOP and byte model (model_flops / model_bytes below, stated there), the
+achieved TFLOP/s and TB/s, and the ratio of the time to its floor max(FLOPs / peak, bytes / bandwidth).
 """
 
 from __future__ import annotations
@@ -14,26 +20,63 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import causal_conv1d, gated_delta_rule, gka, simple_gla
 
+PEAK_TFLOPS, PEAK_TBS = 800.0, 3.0  # H100 bf16 matmul through XLA and device copy bandwidth, measured (SPEC §11)
+PAPER_SHAPES = ("1x8192x32x128", "1x32768x32x128", "4x2048x32x128")
+
+
+def model_flops(op: str, b, t, h, k, v, c=64, num_iter=30) -> tuple[float, float]:
+    """(forward, forward+backward) FLOPs of the chunked algorithm, matmuls only, backward counted as 2× forward.
+
+    simple_gla per token: Q Kᵀ and scores·V (2C(K+V)), Q·S and the state update (4KV).
+    gated_delta_rule adds K Kᵀ, W = T·K, Ũ = T·V (2C(2K+V)), U = Ũ − W S (2KV) and the triangular inverse (C²/3).
+    gka: the H pass (2K²), ‖H_t‖_F terms (2K² + 2CK + 2C²), num_iter Chebyshev steps of 2K² + 4CK, then simple_gla
+    with V; its backward is one more solve plus 2× the rest.
+    """
+    gla = 2 * c * (k + v) + 4 * k * v
+    if op == "simple_gla":
+        fwd = gla
+        total = 3 * fwd
+    elif op == "gated_delta_rule":
+        fwd = gla + 2 * c * (2 * k + v) + 2 * k * v + c * c / 3
+        total = 3 * fwd
+    else:
+        solve = num_iter * (2 * k * k + 4 * c * k)
+        rest = 4 * k * k + 2 * c * k + 2 * c * c + gla
+        fwd = solve + rest
+        total = 2 * solve + 3 * rest
+    n = b * t * h
+    return n * fwd, n * total
+
+
+def model_bytes(op: str, b, t, h, k, v, itemsize: int) -> tuple[float, float]:
+    """(forward, forward+backward) bytes every implementation must move: q, k, v and the gates in, o out;
+    backward reads the inputs and do again and writes a gradient per input."""
+    gates = {"simple_gla": 1, "gated_delta_rule": 2}.get(op, 2)
+    inputs = b * t * h * ((2 * k + v) * itemsize + 4 * gates)
+    out = b * t * h * v * itemsize
+    return inputs + out, 3 * inputs + 2 * out
+
 
 def inputs(b, t, h, d, dtype, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
-    normal = lambda k, *s: jax.random.normal(k, s, jnp.float32)
-    l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    q, k, v = l2(normal(keys[0], b, t, h, d)), l2(normal(keys[1], b, t, h, d)), normal(keys[2], b, t, h, d)
-    g = -jax.nn.softplus(normal(keys[3], b, t, h)) * 0.1
-    beta, alpha = jax.nn.sigmoid(normal(keys[4], b, t, h)), jax.nn.sigmoid(normal(keys[5], b, t, h))
-    return [x.astype(dtype) for x in (q, k, v)] + [g, beta, alpha]
+    """L2-normalized q, k, unit-variance v, layer-like gates (log decay ≈ −0.07, β and α in (0, 1))."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = unit(rng.standard_normal((2, b, t, h, d), np.float32))
+    v = rng.standard_normal((b, t, h, d), np.float32)
+    g = -np.log1p(np.exp(rng.standard_normal((b, t, h), np.float32))) * 0.1
+    beta, alpha = 1 / (1 + np.exp(-rng.standard_normal((2, b, t, h), np.float32)))
+    return [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(x) for x in (g, beta, alpha)]
 
 
-def ops(impl: str, num_iter: int):
+def ours(impl: str, num_iter: int):
     return {
         "simple_gla": lambda q, k, v, g, beta, alpha: simple_gla(q, k, v, g, impl=impl)[0],
         "gated_delta_rule": lambda q, k, v, g, beta, alpha: gated_delta_rule(q, k, v, g, beta, impl=impl)[0],
-        f"gka ({num_iter} it)": lambda q, k, v, g, beta, alpha: gka(q, k, v, alpha, g, num_iter=num_iter,
-                                                                    impl=impl)[0],
+        "gka": lambda q, k, v, g, beta, alpha: gka(q, k, v, alpha, g, num_iter=num_iter, impl=impl)[0],
         "causal_conv1d": lambda q, k, v, g, beta, alpha: causal_conv1d(
             v.reshape(v.shape[0], v.shape[1], -1), jnp.ones((v.shape[2] * v.shape[3], 4), v.dtype))[0],
     }
@@ -49,27 +92,141 @@ def median_ms(fn, args, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def time_jax(op, x, repeats):
+    r = jax.random.normal(jax.random.PRNGKey(1), jax.eval_shape(op, *x).shape, jnp.float32)
+    fwd = jax.jit(op)
+    loss = lambda *a: jnp.sum(op(*a).astype(jnp.float32) * r)
+    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(x)))))
+    return median_ms(fwd, x, repeats), median_ms(bwd, x, repeats)
+
+
+def torch_peers():
+    """{op: (peer name, fn(torch tensors...) -> o)} for the peers that import here."""
+    peers = {}
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        # fla 0.6 refuses its gated backward on Hopper with Triton < 3.7.1 (a correctness issue, fla #640):
+        # bypassed here for timing only, as SPEC §11 did.
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        peers["gated_delta_rule"] = ("flash-linear-attention chunk_gated_delta_rule",
+                                     lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta)[0])
+        peers["simple_gla"] = ("flash-linear-attention chunk_simple_gla",
+                               lambda q, k, v, g, beta: chunk_simple_gla(q, k, v, g)[0])
+    except Exception as e:  # noqa: BLE001 - a missing peer only drops its rows
+        print(f"(flash-linear-attention not importable: {type(e).__name__}: {e})")
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        peers["ssd"] = ("mamba_ssm mamba_chunk_scan_combined",
+                        lambda x, dt, a, bm, cm: mamba_chunk_scan_combined(x, dt, a, bm, cm, chunk_size=256))
+    except Exception as e:  # noqa: BLE001
+        print(f"(mamba_ssm not importable: {type(e).__name__}: {e})")
+    return peers
+
+
+def time_torch(fn, args, repeats):
+    import torch
+
+    def run(backward):
+        out = fn(*args)
+        if backward:
+            out.backward(torch.ones_like(out))
+
+    times = {}
+    for backward in (False, True):
+        run(backward)
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(backward)
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        times[backward] = statistics.median(samples)
+    return times[False], times[True]
+
+
+def ssd_problem(b, t, h, d, groups=8, seed=0):
+    """A Mamba-2 SSD problem as numpy: x [B,T,H,P], dt [B,T,H], A [H], B, C [B,T,G,N]."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, t, h, d), np.float32)
+    dt = np.log1p(np.exp(rng.standard_normal((b, t, h), np.float32) - 3))
+    a = -np.exp(rng.uniform(0, 2, h)).astype(np.float32)
+    bm, cm = rng.standard_normal((2, b, t, groups, d), np.float32) / np.sqrt(d)
+    return x, dt, a, bm, cm
+
+
+def ssd_through_simple_gla(x, dt, a, bm, cm):
+    rep = x.shape[2] // bm.shape[2]
+    k, q = (jnp.repeat(m, rep, axis=2) for m in (bm, cm))
+    return simple_gla(q, k, (dt[..., None] * x).astype(x.dtype), dt * a, scale=1.0, chunk_size=64, impl="auto")[0]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", default="chunked")
-    p.add_argument("--b", type=int, default=1)
-    p.add_argument("--t", type=int, default=4096)
-    p.add_argument("--h", type=int, default=4)
-    p.add_argument("--d", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--shapes", default=",".join(PAPER_SHAPES), help="BxTxHxD,...")
+    p.add_argument("--impls", default="pallas,chunked", help="ours to time: pallas, chunked")
+    p.add_argument("--ops", default="gated_delta_rule,simple_gla,ssd,gka,causal_conv1d")
+    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--num-iter", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--chunked-max-t", type=int, default=32768, help="skip chunked XLA above this T")
     args = p.parse_args(argv)
-    x = inputs(args.b, args.t, args.h, args.d, jnp.dtype(args.dtype))
-    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, impl {args.impl}, "
-          f"B={args.b} T={args.t} H={args.h} D={args.d} {args.dtype}")
-    print("| op | fwd ms | fwd+bwd ms |\n|---|---|---|")
-    for name, op in ops(args.impl, args.num_iter).items():
-        fwd = jax.jit(op)
-        loss = lambda *a, op=op: jnp.sum(op(*a).astype(jnp.float32) ** 2)
-        bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        print(f"| {name} | {median_ms(fwd, x, args.repeats):.2f} | {median_ms(bwd, x, args.repeats):.2f} |",
-              flush=True)
+    dtype = jnp.dtype(args.dtype)
+    peers = {} if args.no_peers else torch_peers()
+    print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.dtype}, GKA {args.num_iter} iterations")
+    print("| shape B×T×H×D | op | implementation | fwd ms | fwd+bwd ms | GFLOP fwd / fwd+bwd | TFLOP/s fwd / f+b "
+          "| TB/s fwd / f+b | × floor fwd / f+b |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        b, t, h, d = (int(s) for s in shape.split("x"))
+        x = inputs(b, t, h, d, dtype)
+        for op in args.ops.split(","):
+            rows = []
+            if op == "ssd":
+                problem = ssd_problem(b, t, h, d, groups=min(8, h))
+                jx = [jnp.asarray(a, dtype if a.ndim == 4 else jnp.float32) for a in problem]
+                rows.append(("ours (pallas) simple_gla", time_jax(ssd_through_simple_gla, jx, args.repeats), True))
+                if "ssd" in peers:
+                    import torch
+
+                    tx = [torch.tensor(a, device="cuda", dtype=getattr(torch, args.dtype) if a.ndim == 4
+                                       else torch.float32, requires_grad=a.ndim != 1) for a in problem]
+                    tx[2] = tx[2].detach()
+                    rows.append((peers["ssd"][0], time_torch(peers["ssd"][1], tx, args.repeats), False))
+                model_op = "simple_gla"
+            else:
+                model_op = op
+                for impl in ["chunked"] if op == "causal_conv1d" else args.impls.split(","):
+                    if impl == "chunked" and t > args.chunked_max_t:
+                        continue
+                    label = "ours (XLA; no kernel)" if op == "causal_conv1d" else f"ours ({impl})"
+                    rows.append((label, time_jax(ours(impl, args.num_iter)[op], x, args.repeats),
+                                 impl == "pallas" and op != "causal_conv1d"))
+                if op in peers:
+                    import torch
+
+                    tx = [torch.tensor(np.asarray(a.astype(jnp.float32)), device="cuda",
+                                       dtype=getattr(torch, args.dtype) if a.ndim == 4 else torch.float32,
+                                       requires_grad=True) for a in x[:5]]
+                    rows.append((peers[op][0], time_torch(peers[op][1], tx, args.repeats), False))
+            for name, (fwd, both), modelled in rows:
+                extra = "| | | |"
+                if modelled:
+                    flops = model_flops(model_op, b, t, h, d, d, num_iter=args.num_iter)
+                    nbytes = model_bytes(model_op, b, t, h, d, d, dtype.itemsize)
+                    tf = [f / (ms * 1e9) for f, ms in zip(flops, (fwd, both))]
+                    tb = [n / (ms * 1e9) for n, ms in zip(nbytes, (fwd, both))]
+                    floor = [max(f / (PEAK_TFLOPS * 1e9), n / (PEAK_TBS * 1e9)) for f, n in zip(flops, nbytes)]
+                    extra = (f"| {flops[0] / 1e9:.0f} / {flops[1] / 1e9:.0f} | {tf[0]:.0f} / {tf[1]:.0f} "
+                             f"| {tb[0]:.2f} / {tb[1]:.2f} | {fwd / floor[0]:.1f} / {both / floor[1]:.1f} |")
+                print(f"| {shape} | {op} | {name} | {fwd:.2f} | {both:.2f} {extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k)
     u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v)
     starts, state, u = scan(backend, decay[..., -1, :, None] * k, u_tilde, w, gamma[..., -1], state)
-    o = scale * (gamma[..., None] * jnp.einsum("...ck,...kv->...cv", q.astype(jnp.float32), starts)
+    o = scale * (gamma[..., None] * jnp.einsum("...ck,...kv->...cv", q, starts)
                  + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, u))
     return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
 

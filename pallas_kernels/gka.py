@@ -209,9 +209,8 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, k, g, h_kk, chunk_size)
     h0, h_final, _ = scan(backend, mask_decay[..., -1, :, None] * k, k, None, jnp.exp(prefix[..., -1]), h_kk)
     decay = jnp.exp(prefix)
-    f = _chunk_frobenius(h0, decay, mask_decay, k.astype(jnp.float32))[..., None]
-    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f,
-                     q.astype(jnp.float32))
+    f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 

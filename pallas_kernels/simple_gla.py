@@ -4,8 +4,7 @@ Recurrence per head: S_t = e^{g_t} S_{t−1} + k_t v_tᵀ (S is [K, V]), o_t = s
 Chunked form (SPEC §7), per chunk of C tokens with incoming state S₀, G = in-chunk cumsum(g), M the masked decay:
 O = scale·(diag(e^G) Q S₀ + ((Q Kᵀ) ∘ M) V), and S₀ ← e^{G_C} S₀ + (K ∘ e^{G_C − G})ᵀ V.
 The chunk-local terms are computed for all chunks at once; only the cheap state recurrence runs in a lax.scan
-("chunked") or in the Pallas chunk_scan kernel ("pallas"), where products of the inputs alone (Q Kᵀ) run in the
-input dtype and everything touching decays or states in float32.
+("chunked") or in the Pallas chunk_scan kernel ("pallas"; the chunk-local terms then stay in XLA, in float32).
 """
 
 import jax
@@ -59,14 +58,14 @@ def _pallas(backend, q, k, v, g, state, scale, chunk_size):
     q, k, v, g, prefix, decay, state = pallas_prologue("simple_gla", q, k, v, g, state, chunk_size)
     to_end = decay[..., -1, :, None]
     starts, state, _ = scan(backend, k * to_end, v, None, jnp.exp(prefix[..., -1]), state)
-    o = scale * (jnp.exp(prefix)[..., None] * jnp.einsum("...ck,...kv->...cv", q.astype(jnp.float32), starts)
-                 + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, v.astype(jnp.float32)))
+    o = scale * (jnp.exp(prefix)[..., None] * jnp.einsum("...ck,...kv->...cv", q, starts)
+                 + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, v))
     return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
 
 
 def scores(q, k):
-    """Q Kᵀ per chunk ([.., C, K] each) in the inputs' dtype with float32 accumulation."""
-    return jnp.einsum("...tk,...sk->...ts", q, k, preferred_element_type=jnp.float32)
+    """Q Kᵀ per chunk ([.., C, K] each)."""
+    return jnp.einsum("...tk,...sk->...ts", q, k)
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):

@@ -5,9 +5,10 @@ import numpy as np
 
 
 def rel(a, b) -> float:
-    """Relative error max|a − b| / max|b|, in float64 numpy (b is the reference)."""
+    """Relative error max|a − b| / max|b|, in float64 numpy (b is the reference); max|a| when b is all zero."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    scale = np.max(np.abs(b))
+    return float(np.max(np.abs(a - b)) / (scale if scale > 0 else 1.0))
 
 
 def cast(dtype, *xs):
