@@ -26,6 +26,15 @@ class Backend:
     name: str
     interpret: bool
 
+    def precision(self, exact: bool):
+        """Matmul precision for float32 operands: the default (TF32 on GPU tensor cores), or float32-accurate
+        (three TF32 passes in a Triton kernel, HIGHEST elsewhere) where rounding would be amplified (GKA)."""
+        if not exact:
+            return None
+        if self.name == "triton" and not self.interpret:
+            return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        return jax.lax.Precision.HIGHEST
+
     def call(self, kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes=(), semantics=None,
              num_warps=4, num_stages=1, name=None):
         """pallas_call with this backend's compiler parameters and interpret mode."""
@@ -53,13 +62,10 @@ def backend_for(variant: str | None = None) -> Backend:
     return Backend(name, interpret=name != native)
 
 
-def dot(a, b, *, ta: bool = False, tb: bool = False):
-    """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation, in whatever precision the operands carry.
-
-    float32 operands use the platform's default matmul precision (TF32 on Hopper tensor cores).
-    """
+def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
+    """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation; precision from Backend.precision."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:

@@ -19,6 +19,7 @@ States are float32, matmuls accumulate in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,33 +32,42 @@ from pallas_kernels._pallas import Backend, dot, pad_axis, pow2_at_least
 f32 = jnp.float32
 
 
-def _block_v(backend: Backend, v: int, block_v: int | None) -> int:
-    """V columns per program: Mosaic wants multiples of 128 (or all of V), Triton powers of two."""
-    if backend.name == "mosaic":
-        return 128 if v % 128 == 0 else v
-    return min(v, block_v or 64)
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """How to run the scan: V columns per Triton program, Triton pipeline stages, float32-accurate matmuls."""
+
+    block_v: int = 32
+    num_stages: int = 2
+    exact: bool = False
+
+    def block(self, backend: Backend, v: int) -> int:
+        """Mosaic wants multiples of 128 (or all of V), Triton powers of two."""
+        if backend.name == "mosaic":
+            return 128 if v % 128 == 0 else v
+        return min(v, self.block_v)
 
 
-def _fwd_step(s, kw, u, w, d):
+def _fwd_step(s, kw, u, w, d, precision):
     if w is not None:
-        u = u - dot(w, s)
-    return u, d * s + dot(kw, u, ta=True)
+        u = u - dot(w, s, precision=precision)
+    return u, d * s + dot(kw, u, ta=True, precision=precision)
 
 
-def _bwd_step(ds, s, kw, u, w, d, dstart, du):
-    du = dot(kw, ds) if du is None else du + dot(kw, ds)
-    dkw = dot(u, ds, tb=True)
+def _bwd_step(ds, s, kw, u, w, d, dstart, du, precision):
+    dot_ = functools.partial(dot, precision=precision)
+    du = dot_(kw, ds) if du is None else du + dot_(kw, ds)
+    dkw = dot_(u, ds, tb=True)
     dd = jnp.sum(s * ds, keepdims=True)
     ds_prev = d * ds + dstart
     dw = None
     if w is not None:
-        dw = -dot(du, s, tb=True)
-        ds_prev = ds_prev - dot(w, du, ta=True)
+        dw = -dot_(du, s, tb=True)
+        ds_prev = ds_prev - dot_(w, du, ta=True)
     return du, dkw, dw, dd, ds_prev
 
 
 # ----------------------------------------------------------------------------------------------------- Triton
-def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
+def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision):
     if has_w:
         w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref = refs
     else:
@@ -66,7 +76,7 @@ def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
     def body(n, s):
         starts_ref[n] = s.astype(starts_ref.dtype)
         u, s = _fwd_step(s, kw_ref[n].astype(f32), u_ref[n].astype(f32),
-                         None if w_ref is None else w_ref[n].astype(f32), d_ref[n])
+                         None if w_ref is None else w_ref[n].astype(f32), d_ref[n], precision)
         if uout_ref is not None:
             uout_ref[n] = u.astype(uout_ref.dtype)
         return s
@@ -74,7 +84,7 @@ def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
     final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(f32))
 
 
-def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
+def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision):
     if has_w:
         (w_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, duo_ref,
          dkw_ref, du_ref, dd_ref, ds0_ref, dw_ref) = refs
@@ -87,7 +97,7 @@ def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
         du, dkw, dw, dd, ds = _bwd_step(
             ds, starts_ref[n].astype(f32), kw_ref[n].astype(f32), u_ref[n].astype(f32),
             None if w_ref is None else w_ref[n].astype(f32), d_ref[n], dstarts_ref[n].astype(f32),
-            None if duo_ref is None else duo_ref[n].astype(f32))
+            None if duo_ref is None else duo_ref[n].astype(f32), precision)
         du_ref[n] = du.astype(du_ref.dtype)
         dkw_ref[n] = dkw
         dd_ref[n] = dd[0, 0]
@@ -99,7 +109,7 @@ def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w):
 
 
 # ----------------------------------------------------------------------------------------------------- Mosaic
-def _fwd_mosaic(kw_ref, u_ref, *refs, has_w):
+def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, precision):
     if has_w:
         w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, s_scr = refs
     else:
@@ -113,7 +123,7 @@ def _fwd_mosaic(kw_ref, u_ref, *refs, has_w):
     s = s_scr[...]
     starts_ref[...] = s.astype(starts_ref.dtype)
     u, s = _fwd_step(s, kw_ref[...].astype(f32), u_ref[...].astype(f32),
-                     None if w_ref is None else w_ref[...].astype(f32), d_ref[...])
+                     None if w_ref is None else w_ref[...].astype(f32), d_ref[...], precision)
     if uout_ref is not None:
         uout_ref[...] = u.astype(uout_ref.dtype)
     s_scr[...] = s
@@ -123,7 +133,7 @@ def _fwd_mosaic(kw_ref, u_ref, *refs, has_w):
         final_ref[...] = s
 
 
-def _bwd_mosaic(kw_ref, u_ref, *refs, has_w):
+def _bwd_mosaic(kw_ref, u_ref, *refs, has_w, precision):
     if has_w:
         (w_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, duo_ref,
          dkw_ref, du_ref, dd_ref, ds0_ref, dw_ref, ds_scr) = refs
@@ -139,7 +149,7 @@ def _bwd_mosaic(kw_ref, u_ref, *refs, has_w):
     du, dkw, dw, dd, ds = _bwd_step(
         ds_scr[...], starts_ref[...].astype(f32), kw_ref[...].astype(f32), u_ref[...].astype(f32),
         None if w_ref is None else w_ref[...].astype(f32), d_ref[...], dstarts_ref[...].astype(f32),
-        None if duo_ref is None else duo_ref[...].astype(f32))
+        None if duo_ref is None else duo_ref[...].astype(f32), precision)
     du_ref[...] = du.astype(du_ref.dtype)
     dkw_ref[...] = dkw
     dd_ref[...] = dd
@@ -153,10 +163,11 @@ def _bwd_mosaic(kw_ref, u_ref, *refs, has_w):
 
 
 # ---------------------------------------------------------------------------------------------------- calls
-def _forward(backend: Backend, block_v, kw, u, w, decay, s0):
+def _forward(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
     bh, n, c, k = kw.shape
     v = u.shape[-1]
-    bv = _block_v(backend, v, block_v)
+    bv = config.block(backend, v)
+    kernel_args = dict(has_w=w is not None, precision=backend.precision(config.exact))
     has_w = w is not None
     out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), f32), jax.ShapeDtypeStruct((bh, k, v), f32)]
     if has_w:
@@ -168,8 +179,8 @@ def _forward(backend: Backend, block_v, kw, u, w, decay, s0):
         state = pl.BlockSpec((None, k, bv), lambda b, j: (b, 0, j))
         in_specs = [keys, vals] + [keys] * has_w + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state]
         out_specs = [pl.BlockSpec((None, n, k, bv), lambda b, j: (b, 0, 0, j)), state] + [vals] * has_w
-        call = backend.call(functools.partial(_fwd_triton, n_chunks=n, has_w=has_w), grid=(bh, v // bv),
-                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4,
+        call = backend.call(functools.partial(_fwd_triton, n_chunks=n, **kernel_args), grid=(bh, v // bv),
+                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4, num_stages=config.num_stages,
                             name="chunk_scan_fwd")
         return call(*ins, decay, s0)
     keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, i, 0, 0))
@@ -178,16 +189,17 @@ def _forward(backend: Backend, block_v, kw, u, w, decay, s0):
     scalar = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, i, 0, 0))
     in_specs = [keys, vals] + [keys] * has_w + [scalar, state]
     out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, i, 0, j)), state] + [vals] * has_w
-    call = backend.call(functools.partial(_fwd_mosaic, has_w=has_w), grid=(bh, v // bv, n), in_specs=in_specs,
+    call = backend.call(functools.partial(_fwd_mosaic, **kernel_args), grid=(bh, v // bv, n), in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
                         semantics=("parallel", "parallel", "arbitrary"), name="chunk_scan_fwd")
     return call(*ins, decay[..., None, None], s0)
 
 
-def _backward(backend: Backend, block_v, kw, u, w, decay, starts, dstarts, dfinal, du_out):
+def _backward(backend: Backend, config: ScanConfig, kw, u, w, decay, starts, dstarts, dfinal, du_out):
     bh, n, c, k = kw.shape
     v = u.shape[-1]
-    bv = _block_v(backend, v, block_v)
+    bv = config.block(backend, v)
+    kernel_args = dict(has_w=w is not None, precision=backend.precision(config.exact))
     nv = v // bv
     has_w = w is not None
     ins = [kw, u] + ([w] if has_w else []) + [decay]
@@ -206,8 +218,8 @@ def _backward(backend: Backend, block_v, kw, u, w, decay, starts, dstarts, dfina
                     + [states, states, state] + [vals] * has_w)
         out_specs = ([per_block_keys, vals, pl.BlockSpec((None, None, n), lambda b, j: (b, j, 0)), state]
                      + [per_block_keys] * has_w)
-        call = backend.call(functools.partial(_bwd_triton, n_chunks=n, has_w=has_w), grid=(bh, nv),
-                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4,
+        call = backend.call(functools.partial(_bwd_triton, n_chunks=n, **kernel_args), grid=(bh, nv),
+                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4, num_stages=config.num_stages,
                             name="chunk_scan_bwd")
         return call(*ins, *rest)
     last = n - 1
@@ -221,7 +233,7 @@ def _backward(backend: Backend, block_v, kw, u, w, decay, starts, dstarts, dfina
     in_specs = [keys, vals] + [keys] * has_w + [scalar_in, states, states, state] + [vals] * has_w
     out_specs = [per_block_keys, vals, scalar_out, state] + [per_block_keys] * has_w
     out_shape[2] = jax.ShapeDtypeStruct((bh, nv, n, 1, 1), f32)
-    call = backend.call(functools.partial(_bwd_mosaic, has_w=has_w), grid=(bh, nv, n), in_specs=in_specs,
+    call = backend.call(functools.partial(_bwd_mosaic, **kernel_args), grid=(bh, nv, n), in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
                         semantics=("parallel", "parallel", "arbitrary"), name="chunk_scan_bwd")
     outs = call(*ins[:-1], decay[..., None, None], *rest)
@@ -229,29 +241,28 @@ def _backward(backend: Backend, block_v, kw, u, w, decay, starts, dstarts, dfina
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def chunk_scan(backend: Backend, block_v, kw, u, w, decay, s0):
+def chunk_scan(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
     """(starts [BH, N, K, V], final [BH, K, V], u [BH, N, C, V] or None), all float32.
 
     kw [BH, N, C, K], u [BH, N, C, V], w [BH, N, C, K] or None, decay [BH, N], s0 [BH, K, V].
-    block_v: V columns per Triton program (None: 64).
     """
-    outs = _forward(backend, block_v, kw, u, w, decay.astype(f32), s0)
+    outs = _forward(backend, config, kw, u, w, decay.astype(f32), s0)
     return outs[0], outs[1], (outs[2] if w is not None else None)
 
 
-def _chunk_scan_fwd(backend, block_v, kw, u, w, decay, s0):
-    starts, final, u_out = chunk_scan(backend, block_v, kw, u, w, decay, s0)
+def _chunk_scan_fwd(backend, config, kw, u, w, decay, s0):
+    starts, final, u_out = chunk_scan(backend, config, kw, u, w, decay, s0)
     # Zero-size arrays carry the input dtypes to the backward pass (dtypes are not JAX values).
     dtypes = (jnp.zeros((0,), u.dtype), jnp.zeros((0,), s0.dtype))
     return (starts, final, u_out), (kw, u if w is None else u_out, w, decay, starts, dtypes)
 
 
-def _chunk_scan_bwd(backend, block_v, res, cts):
+def _chunk_scan_bwd(backend, config, res, cts):
     kw, u, w, decay, starts, (u_like, s0_like) = res
     dstarts, dfinal, du_out = cts
     if w is not None and du_out is None:
         du_out = jnp.zeros_like(u)
-    outs = _backward(backend, block_v, kw, u, w, decay.astype(f32), starts, dstarts, dfinal,
+    outs = _backward(backend, config, kw, u, w, decay.astype(f32), starts, dstarts, dfinal,
                      du_out.astype(f32) if w is not None else None)
     dkw, du, dd, ds0 = outs[0].sum(1), outs[1], outs[2].sum(1), outs[3]
     dw = outs[4].sum(1).astype(w.dtype) if w is not None else None
@@ -261,14 +272,14 @@ def _chunk_scan_bwd(backend, block_v, res, cts):
 chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
-def scan(backend: Backend, kw, u, w, decay, s0, *, block_v=None):
+def scan(backend: Backend, kw, u, w, decay, s0, config: ScanConfig = ScanConfig()):
     """chunk_scan on any K and V: the Triton variant zero-pads them to powers of two (zero rows and columns of
     the state stay zero) and the results are cut back."""
     k, v = kw.shape[-1], u.shape[-1]
     kp, vp = (pow2_at_least(k), pow2_at_least(v)) if backend.name == "triton" else (k, v)
     if (kp, vp) == (k, v):
-        return chunk_scan(backend, block_v, kw, u, w, decay, s0)
+        return chunk_scan(backend, config, kw, u, w, decay, s0)
     kw, w = (None if x is None else pad_axis(x, -1, kp) for x in (kw, w))
     u, s0 = pad_axis(u, -1, vp), pad_axis(pad_axis(s0, -1, vp), -2, kp)
-    starts, final, u_out = chunk_scan(backend, block_v, kw, u, w, decay, s0)
+    starts, final, u_out = chunk_scan(backend, config, kw, u, w, decay, s0)
     return starts[..., :k, :v], final[:, :k, :v], (None if u_out is None else u_out[..., :v])

@@ -17,7 +17,6 @@ from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, f
                                     pallas_prologue, prepare, resolve_impl, to_chunks, to_head_chunks)
 from pallas_kernels._pallas import backend_for
 from pallas_kernels.chunk_scan import scan
-from pallas_kernels.simple_gla import scores
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -49,7 +48,8 @@ def _substitute(a, start, stop, inv):
 
     def row(i, inv):
         a_i = jnp.sum(jnp.where(cols == i, a_t, 0), axis=-1, keepdims=True)  # column j holds a_ij
-        new = jnp.where(cols == i, 1.0, 0.0)[..., :1, :] - jnp.sum(a_i * inv, axis=-2, keepdims=True)
+        e_i = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == i, 1.0, 0.0)
+        new = e_i - jnp.sum(a_i * inv, axis=-2, keepdims=True)
         return jnp.where(rows == i, new, inv)
 
     return jax.lax.fori_loop(start, stop, row, inv)
@@ -128,12 +128,12 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     beta = to_head_chunks(beta.astype(jnp.float32), chunk_size)[..., None]
     gamma = jnp.exp(prefix)
     strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
-    tri = unit_lower_inverse(backend, jnp.where(strict, beta * scores(k, k) * decay, 0))
+    tri = unit_lower_inverse(backend, jnp.where(strict, beta * jnp.einsum("...tk,...sk->...ts", k, k) * decay, 0))
     w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k)
     u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v)
     starts, state, u = scan(backend, decay[..., -1, :, None] * k, u_tilde, w, gamma[..., -1], state)
     o = scale * (gamma[..., None] * jnp.einsum("...ck,...kv->...cv", q, starts)
-                 + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, u))
+                 + jnp.einsum("...ts,...sv->...tv", jnp.einsum("...tk,...sk->...ts", q, k) * decay, u))
     return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
 
 

@@ -25,7 +25,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
                                     pallas_prologue, resolve_impl, to_chunks)
 from pallas_kernels._pallas import Backend, backend_for, dot, pad_axis, pow2_at_least
-from pallas_kernels.chunk_scan import scan
+from pallas_kernels.chunk_scan import ScanConfig, scan
+from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
 
 __all__ = ["gka", "gka_step"]
@@ -109,15 +110,25 @@ def _apply_chunk(ops, x):
     return decay[..., None] * hx + einsum("...cs,...sk->...ck", xk, k)
 
 
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter):
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
     """One chunk's Chebyshev solve with everything in registers / VMEM for all iterations."""
     h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
     k = k_ref[...].astype(jnp.float32)
 
     def apply_h(x):
-        return decay * dot(x, h0) + dot(dot(x, k, tb=True) * mask, k)
+        xk = dot(x, k, tb=True, precision=precision) * mask
+        return decay * dot(x, h0, precision=precision) + dot(xk, k, precision=precision)
 
     x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
+
+
+def _solve_precision(backend, k: int):
+    """float32-accurate matmuls for the solve. On a GPU three TF32 passes need hi/lo copies of every operand in
+    shared memory, which for K = 128 (a 128×128 H₀ among them) exceeds the 227 KB of an H100 (measured: 256 KB
+    requested), so there the kernel uses plain float32 FMAs instead."""
+    if backend.name == "triton" and not backend.interpret and k >= 128:
+        return jax.lax.Precision.HIGHEST
+    return backend.precision(exact=True)
 
 
 def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
@@ -132,7 +143,7 @@ def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     column = lambda a: flat(a, c, 1).astype(jnp.float32)
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    x = backend.call(partial(_chebyshev_kernel, num_iter=num_iter), grid=(h0.shape[0],),
+    x = backend.call(partial(_chebyshev_kernel, num_iter=num_iter, precision=_solve_precision(backend, kp)), grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                      semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args)
@@ -207,7 +218,8 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     Chebyshev kernel program per chunk, forward and for the implicit backward solve."""
     b, t, h, dk = q.shape
     q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, k, g, h_kk, chunk_size)
-    h0, h_final, _ = scan(backend, mask_decay[..., -1, :, None] * k, k, None, jnp.exp(prefix[..., -1]), h_kk)
+    h0, h_final, _ = scan(backend, mask_decay[..., -1, :, None] * k, k, None, jnp.exp(prefix[..., -1]), h_kk,
+                          ScanConfig(exact=True))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
     x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
@@ -271,10 +283,10 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
     impl = resolve_impl("gka", impl, dtype)
     h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
     if impl.startswith("pallas"):
-        x, h_kk = _pallas_solve(backend_for(impl[7:]), q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
+        backend = backend_for(impl[7:])
+        x, h_kk = _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
         q_tilde = q + alpha[..., None] * (x - q)
-        o, h_kv = simple_gla(q_tilde, k, v, g, scale=scale, initial_state=h_kv, output_final_state=True,
-                             chunk_size=chunk_size, impl=impl)
+        o, h_kv = simple_gla_pallas(backend, q_tilde, k, v, g, h_kv, scale, chunk_size, exact=True)
         return o.astype(out_dtype), ((h_kk, h_kv) if output_final_state else None)
     q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
     if impl == "reference":

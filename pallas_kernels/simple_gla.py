@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
                                     pallas_prologue, prepare, resolve_impl, to_chunks)
 from pallas_kernels._pallas import backend_for
-from pallas_kernels.chunk_scan import scan
+from pallas_kernels.chunk_scan import ScanConfig, scan
 
 
 def _step(q, k, v, g, state, scale):
@@ -53,19 +53,16 @@ def _chunked(q, k, v, g, state, scale, chunk_size):
     return from_chunks(scale * (inter + intra), t), state
 
 
-def _pallas(backend, q, k, v, g, state, scale, chunk_size):
+def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False):
+    """The Pallas path; exact: float32-accurate matmuls throughout (GKA's read-out, whose queries are large)."""
     b, t, h, _ = q.shape
     q, k, v, g, prefix, decay, state = pallas_prologue("simple_gla", q, k, v, g, state, chunk_size)
     to_end = decay[..., -1, :, None]
-    starts, state, _ = scan(backend, k * to_end, v, None, jnp.exp(prefix[..., -1]), state)
-    o = scale * (jnp.exp(prefix)[..., None] * jnp.einsum("...ck,...kv->...cv", q, starts)
-                 + jnp.einsum("...ts,...sv->...tv", scores(q, k) * decay, v))
+    starts, state, _ = scan(backend, k * to_end, v, None, jnp.exp(prefix[..., -1]), state, ScanConfig(exact=exact))
+    mm = einsum if exact else jnp.einsum
+    o = scale * (jnp.exp(prefix)[..., None] * mm("...ck,...kv->...cv", q, starts)
+                 + mm("...ts,...sv->...tv", mm("...tk,...sk->...ts", q, k) * decay, v))
     return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
-
-
-def scores(q, k):
-    """Q Kᵀ per chunk ([.., C, K] each)."""
-    return jnp.einsum("...tk,...sk->...ts", q, k)
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
