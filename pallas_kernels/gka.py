@@ -122,15 +122,6 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
 
 
-def _solve_precision(backend, k: int):
-    """float32-accurate matmuls for the solve. On a GPU three TF32 passes need hi/lo copies of every operand in
-    shared memory, which for K = 128 (a 128×128 H₀ among them) exceeds the 227 KB of an H100 (measured: 256 KB
-    requested), so there the kernel uses plain float32 FMAs instead."""
-    if backend.name == "triton" and not backend.interpret and k >= 128:
-        return jax.lax.Precision.HIGHEST
-    return backend.precision(exact=True)
-
-
 def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     """The chunk operator's solve as a Pallas kernel: one program per chunk. ops as for _apply_chunk, with
     leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
@@ -143,7 +134,7 @@ def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     column = lambda a: flat(a, c, 1).astype(jnp.float32)
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    x = backend.call(partial(_chebyshev_kernel, num_iter=num_iter, precision=_solve_precision(backend, kp)), grid=(h0.shape[0],),
+    x = backend.call(partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(exact=True)), grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                      semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args)
@@ -222,7 +213,13 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
                           ScanConfig(exact=True))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
-    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
+    # float32-accurate matmuls on a GPU take three TF32 passes with hi/lo copies of every operand in shared
+    # memory; with K ≥ 128 (H₀ alone is 64 KB) that exceeds an H100's 227 KB (measured: 256 KB requested), and
+    # plain float32 FMAs ran 22× slower than XLA (259 vs 11.9 ms, 10 iterations, T = 8192, H = 32). There the
+    # solve stays in XLA until the kernel tiles K.
+    kernel_fits = not (backend.name == "triton" and not backend.interpret and dk >= 128)
+    solver = Solver(num_iter, backend if kernel_fits else None)
+    x = _ridge_solve(_apply_chunk, solver, (h0, decay, mask_decay, k), ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 
