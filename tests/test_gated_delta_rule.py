@@ -141,7 +141,7 @@ def test_very_negative_decay_and_unit_beta():
 def test_unit_lower_inverse():
     a = np.tril(np.random.default_rng(0).standard_normal((3, 32, 32)), -1)
     with jax.enable_x64(True):
-        inv = np.asarray(unit_lower_inverse(jnp.asarray(a)))
+        inv = np.asarray(unit_lower_inverse(None, jnp.asarray(a)))
     assert np.abs(inv @ (np.eye(32) + a) - np.eye(32)).max() <= 1e-8 * np.abs(inv).max()
     assert np.all(np.triu(inv, 1) == 0)
 
@@ -156,8 +156,8 @@ def test_errors_and_optional_state():
     assert trace(gated_delta_rule, q, k, v, g, beta)[1] is None
     with pytest.raises(ValueError, match="impl must be one of"):
         trace(gated_delta_rule, q, k, v, g, beta, impl="triton")
-    with pytest.raises(ValueError, match="Pallas kernels for gated_delta_rule are not available yet"):
-        trace(gated_delta_rule, q, k, v, g, beta, impl="pallas")
+    with pytest.raises(ValueError, match="gated_delta_rule: the Pallas kernels need a power-of-two chunk_size"):
+        trace(gated_delta_rule, q, k, v, g, beta, impl="pallas", chunk_size=24)
     with pytest.raises(ValueError, match="chunk_size must be positive"):
         trace(gated_delta_rule, q, k, v, g, beta, chunk_size=0)
     with pytest.raises(ValueError, match=r"k has shape \(1, 4, 2, 7\) but q has \(1, 4, 2, 8\)"):

@@ -233,8 +233,10 @@ def test_decode_matches_prefill():
 
 def test_argument_errors():
     (q, k, v, alpha, g), _ = make_inputs(10, 1, 8, 2, 16, 16, jnp.float32)
-    with pytest.raises(ValueError, match="Pallas"):
-        gka(q, k, v, alpha, g, impl="pallas")
+    with pytest.raises(ValueError, match="gka: the Pallas kernels need a power-of-two chunk_size"):
+        gka(q, k, v, alpha, g, impl="pallas", chunk_size=24)
+    with jax.enable_x64(True), pytest.raises(ValueError, match="use impl='chunked' for float64"):
+        gka(*(x.astype(jnp.float64) for x in (q, k, v, alpha, g)), impl="pallas")
     with pytest.raises(ValueError, match="impl must be one of"):
         gka(q, k, v, alpha, g, impl="triton")
     with pytest.raises(ValueError, match=r"alpha has shape \(1, 8\)"):

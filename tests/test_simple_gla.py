@@ -141,8 +141,8 @@ def test_errors_and_optional_state():
     assert trace(simple_gla, q, k, v, g)[1] is None
     with pytest.raises(ValueError, match="impl must be one of"):
         trace(simple_gla, q, k, v, g, impl="triton")
-    with pytest.raises(ValueError, match="Pallas kernels for simple_gla are not available yet"):
-        trace(simple_gla, q, k, v, g, impl="pallas")
+    with pytest.raises(ValueError, match="simple_gla: the Pallas kernels need a power-of-two chunk_size"):
+        trace(simple_gla, q, k, v, g, impl="pallas", chunk_size=24)
     with pytest.raises(ValueError, match=r"k has shape \(1, 4, 2, 7\) but q has \(1, 4, 2, 8\)"):
         trace(simple_gla, q, k[..., :7], v, g)
     with pytest.raises(ValueError, match="v has shape"):
