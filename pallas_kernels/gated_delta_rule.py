@@ -146,7 +146,7 @@ def gated_delta_rule(
     in (0, 1); initial_state [B, H, K, V] or None (zeros).
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] in float32/float64 or None).
     impl: "reference" (per-token scan), "chunked" (XLA), "pallas" (this platform's kernels, interpreted on a CPU),
-    "pallas_triton" / "pallas_mosaic" (one variant), "auto" (Pallas on GPU/TPU, chunked elsewhere).
+    "pallas_triton" / "pallas_mosaic" (one variant), "auto" (Pallas on GPUs, chunked elsewhere).
     """
     check_qkv("gated_delta_rule", q, k, v, {"g": g, "beta": beta}, initial_state)
     dtype, out_dtype, scale, state = prepare("gated_delta_rule", q, k, v, initial_state, scale, chunk_size)

@@ -262,7 +262,7 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
       initial_state: None or (h_kk [B, H, K, K] symmetric PSD, h_kv [B, H, K, V]).
       chunk_size: tokens per chunk of the chunked form; T need not be a multiple of it.
       impl: "reference" (token-by-token scan, for tests), "chunked" (XLA), "pallas" (this platform's kernels,
-        interpreted on a CPU), "pallas_triton" / "pallas_mosaic", "auto" (Pallas on GPU/TPU, chunked elsewhere).
+        interpreted on a CPU), "pallas_triton" / "pallas_mosaic", "auto" (Pallas on GPUs, chunked elsewhere).
 
     Returns:
       (o [B, T, H, V] in v's dtype, (h_kk, h_kv) final states in fp32 (float64 for float64 inputs),

@@ -71,7 +71,7 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     q, k [B, T, H, K], v [B, T, H, V], g [B, T, H] log decay (≤ 0); initial_state [B, H, K, V] or None (zeros).
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] in float32/float64 or None).
     impl: "reference" (per-token scan), "chunked" (XLA), "pallas" (this platform's kernels, interpreted on a CPU),
-    "pallas_triton" / "pallas_mosaic" (one variant), "auto" (Pallas on GPU/TPU, chunked elsewhere).
+    "pallas_triton" / "pallas_mosaic" (one variant), "auto" (Pallas on GPUs, chunked elsewhere).
     """
     check_qkv("simple_gla", q, k, v, {"g": g}, initial_state)
     dtype, out_dtype, scale, state = prepare("simple_gla", q, k, v, initial_state, scale, chunk_size)
