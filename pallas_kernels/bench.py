@@ -207,8 +207,12 @@ def main(argv=None) -> None:
                     if impl == "chunked" and t > args.chunked_max_t:
                         continue
                     label = "ours (XLA; no kernel)" if op == "causal_conv1d" else f"ours ({impl})"
-                    rows.append((label, time_jax(ours(impl, args.num_iter)[op], x, args.repeats),
-                                 impl == "pallas" and op != "causal_conv1d"))
+                    try:
+                        times = time_jax(ours(impl, args.num_iter)[op], x, args.repeats)
+                    except Exception as e:  # noqa: BLE001 - one failing row must not lose the rest of the table
+                        print(f"| {shape} | {op} | {label} | failed: {type(e).__name__}: {str(e)[:200]} |")
+                        continue
+                    rows.append((label, times, impl == "pallas" and op != "causal_conv1d"))
                 if op in peers:
                     import torch
 

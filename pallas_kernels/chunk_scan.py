@@ -37,7 +37,7 @@ class ScanConfig:
     """How to run the scan: V columns per Triton program, Triton pipeline stages, float32-accurate matmuls."""
 
     block_v: int = 32
-    num_stages: int = 2
+    num_stages: int = 3
     exact: bool = False
 
     def block(self, backend: Backend, v: int) -> int:

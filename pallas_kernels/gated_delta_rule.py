@@ -15,7 +15,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
                                     pallas_prologue, prepare, resolve_impl, to_chunks, to_head_chunks)
-from pallas_kernels._pallas import backend_for
+from pallas_kernels._pallas import backend_for, dot
 from pallas_kernels.chunk_scan import scan
 
 
@@ -55,11 +55,22 @@ def _substitute(a, start, stop, inv):
     return jax.lax.fori_loop(start, stop, row, inv)
 
 
-def _inverse_kernel(a_ref, inv_ref):
-    a = a_ref[...].astype(jnp.float32)
-    eye = jnp.where(jax.lax.broadcasted_iota(jnp.int32, a.shape, 0)
-                    == jax.lax.broadcasted_iota(jnp.int32, a.shape, 1), 1.0, 0.0)
-    inv_ref[...] = _substitute(a, 1, a.shape[-1], eye)
+def _inverse_kernel(a_ref, inv_ref, *, block, precision):
+    """(I + a)⁻¹ of one [C, C] matrix by blocks: substitution inside each diagonal block, then the blocks below
+    the diagonal from X_ij = −X_ii Σ_{j≤m<i} a_im X_mj (tensor-core matmuls; C/block rows of blocks)."""
+    nb = a_ref.shape[-1] // block
+    part = lambda i: pl.ds(i * block, block)
+    eye = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+                    == jax.lax.broadcasted_iota(jnp.int32, (block, block), 1), 1.0, 0.0)
+    a = lambda i, j: a_ref[part(i), part(j)].astype(jnp.float32)
+    x = {}
+    for i in range(nb):
+        x[i, i] = _substitute(a(i, i), 1, block, eye)
+        for j in range(i - 1, -1, -1):
+            acc = sum(dot(a(i, m), x[m, j], precision=precision) for m in range(j, i))
+            x[i, j] = -dot(x[i, i], acc, precision=precision)
+        for j in range(nb):
+            inv_ref[part(i), part(j)] = x[i, j] if j <= i else jnp.zeros((block, block), jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -67,15 +78,18 @@ def unit_lower_inverse(backend, a):
     """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], exactly (by forward substitution).
 
     Exact, unlike a truncated Neumann series, which blows up when entries of a approach 1. backend None: C
-    batched vector-matrix steps in XLA; a Pallas Backend: one kernel program per matrix, the matrix in registers
-    (Triton) or VMEM (Mosaic). The custom VJP keeps backward to two matmuls.
+    batched vector-matrix steps in XLA; a Pallas Backend: one kernel program per matrix (see _inverse_kernel).
+    The custom VJP keeps backward to two matmuls.
     """
     if backend is None:
         return _substitute(a, 0, a.shape[-1], jnp.zeros_like(a))
     c = a.shape[-1]
     flat = a.reshape(-1, c, c)
     spec = pl.BlockSpec((None, c, c), lambda i: (i, 0, 0))
-    inv = backend.call(_inverse_kernel, grid=(flat.shape[0],), in_specs=[spec], out_specs=spec,
+    # Triton: 16-wide blocks (the smallest tensor-core tile); Mosaic: one block (its lane dimension is 128 wide).
+    block = 16 if backend.name == "triton" and c % 16 == 0 else c
+    kernel = functools.partial(_inverse_kernel, block=block, precision=backend.precision(exact=True))
+    inv = backend.call(kernel, grid=(flat.shape[0],), in_specs=[spec], out_specs=spec,
                        out_shape=jax.ShapeDtypeStruct(flat.shape, jnp.float32), semantics=("parallel",),
                        name="unit_lower_inverse")(flat)
     return inv.reshape(a.shape).astype(a.dtype)

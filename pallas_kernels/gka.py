@@ -39,7 +39,10 @@ def _safe_sqrt(x):
 
 
 def _chebyshev(apply_h, q, lam, f, num_iter):
-    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0."""
+    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0.
+
+    q (and x) may be a pytree of column blocks (the Pallas kernel's layout); λ and f broadcast against each leaf.
+    """
     den = 2 * lam + f
     gamma = jnp.where(den > 0, 2 / jnp.where(den > 0, den, 1), 0)
     c = (f * gamma / 4) ** 2  # (ρ/2)², ρ = f / (2λ + f)
@@ -47,10 +50,10 @@ def _chebyshev(apply_h, q, lam, f, num_iter):
     def body(_, carry):
         x_prev, x, omega = carry
         omega = 1 / (1 - c * omega)
-        x_new = omega * (x - gamma * (apply_h(x) + lam * x - q)) + (1 - omega) * x_prev
-        return x, x_new, omega
+        step = lambda xp, xi, hx, qi: omega * (xi - gamma * (hx + lam * xi - qi)) + (1 - omega) * xp
+        return x, jax.tree.map(step, x_prev, x, apply_h(x), q), omega
 
-    init = (jnp.zeros_like(q), gamma * q, jnp.full_like(c, 2))
+    init = (jax.tree.map(jnp.zeros_like, q), jax.tree.map(lambda qi: gamma * qi, q), jnp.full_like(c, 2))
     return jax.lax.fori_loop(0, num_iter, body, init)[1]
 
 
@@ -110,16 +113,30 @@ def _apply_chunk(ops, x):
     return decay[..., None] * hx + einsum("...cs,...sk->...ck", xk, k)
 
 
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
-    """One chunk's Chebyshev solve with everything in registers / VMEM for all iterations."""
-    h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
-    k = k_ref[...].astype(jnp.float32)
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision,
+                      block):
+    """One chunk's Chebyshev solve, all iterations in one program.
 
-    def apply_h(x):
-        xk = dot(x, k, tb=True, precision=precision) * mask
-        return decay * dot(x, h0, precision=precision) + dot(xk, k, precision=precision)
+    x is kept as column blocks of `block`, and H₀ and the keys are read block by block inside every iteration:
+    on a GPU, float32-accurate (3×TF32) products stage hi/lo copies of their operands in shared memory, and a
+    whole 128×128 H₀ with the keys does not fit (256 KB requested on an H100, which has 227 KB); 64-wide blocks
+    do, and the re-reads hit L2.
+    """
+    nb = k_ref.shape[-1] // block
+    part = lambda j: pl.ds(j * block, block)
+    decay, mask = decay_ref[...], mask_ref[...]
+    mm = partial(dot, precision=precision)
 
-    x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
+    def apply_h(xs):
+        keys = [k_ref[:, part(j)].astype(jnp.float32) for j in range(nb)]
+        xk = sum(mm(xs[j], keys[j], tb=True) for j in range(nb)) * mask
+        return [decay * sum(mm(xs[j], h0_ref[part(j), part(i)]) for j in range(nb)) + mm(xk, keys[i])
+                for i in range(nb)]
+
+    rhs = [rhs_ref[:, part(j)].astype(jnp.float32) for j in range(nb)]
+    xs = _chebyshev(apply_h, rhs, lam_ref[...], f_ref[...], num_iter)
+    for j in range(nb):
+        x_ref[:, part(j)] = xs[j]
 
 
 def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
@@ -134,7 +151,9 @@ def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     column = lambda a: flat(a, c, 1).astype(jnp.float32)
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    x = backend.call(partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(exact=True)), grid=(h0.shape[0],),
+    block = min(kp, 64) if backend.name == "triton" else kp  # Mosaic: one block (128-wide lanes)
+    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(exact=True), block=block)
+    x = backend.call(kernel, grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                      semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args)
@@ -213,13 +232,7 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
                           ScanConfig(exact=True))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
-    # float32-accurate matmuls on a GPU take three TF32 passes with hi/lo copies of every operand in shared
-    # memory; with K ≥ 128 (H₀ alone is 64 KB) that exceeds an H100's 227 KB (measured: 256 KB requested), and
-    # plain float32 FMAs ran 22× slower than XLA (259 vs 11.9 ms, 10 iterations, T = 8192, H = 32). There the
-    # solve stays in XLA until the kernel tiles K.
-    kernel_fits = not (backend.name == "triton" and not backend.interpret and dk >= 128)
-    solver = Solver(num_iter, backend if kernel_fits else None)
-    x = _ridge_solve(_apply_chunk, solver, (h0, decay, mask_decay, k), ridge_strength * f, f, q)
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 
