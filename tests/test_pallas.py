@@ -137,4 +137,6 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
                              disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
     text = exported.mlir_module()
     target = "xla.gpu.triton" if variant == "triton" else "tpu_custom_call"
-    assert text.count(target) >= {"simple_gla": 2, "gated_delta_rule": 3, "gka": 6}[op]
+    # GKA on a GPU at K = 128 keeps its solve in XLA (pallas_kernels.gka._pallas_solve says why): 4 kernels, not 6.
+    want = {"simple_gla": 2, "gated_delta_rule": 3, "gka": 4 if variant == "triton" else 6}[op]
+    assert text.count(target) == want
