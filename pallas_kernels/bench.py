@@ -2,6 +2,7 @@
 
     python -m pallas_kernels.bench                      # the kernels issue's shapes on this device, bf16
     python -m pallas_kernels.bench --shapes 1x4096x4x64 --dtype float32 --impls chunked   # a CPU-sized run
+    python -m pallas_kernels.bench --shapes 1x8192x32x128 --components   # the kernels alone: find the bottleneck
 
 Forward and forward+backward (gradient of Σ o·r w.r.t. every input), jitted, median of repeats after a warm-up.
 Peers, timed in the same run when they import: flash-linear-attention's chunk_gated_delta_rule and
@@ -15,6 +16,7 @@ achieved TFLOP/s and TB/s, and the ratio of the time to its floor max(FLOPs / pe
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -161,10 +163,45 @@ def ssd_problem(b, t, h, d, groups=8, seed=0):
     return x, dt, a, bm, cm
 
 
-def ssd_through_simple_gla(x, dt, a, bm, cm):
+def ssd_through_simple_gla(x, dt, a, bm, cm, impl="pallas"):
     rep = x.shape[2] // bm.shape[2]
     k, q = (jnp.repeat(m, rep, axis=2) for m in (bm, cm))
-    return simple_gla(q, k, (dt[..., None] * x).astype(x.dtype), dt * a, scale=1.0, chunk_size=64, impl="auto")[0]
+    return simple_gla(q, k, (dt[..., None] * x).astype(x.dtype), dt * a, scale=1.0, chunk_size=64, impl=impl)[0]
+
+
+def components(b, t, h, d, repeats: int, num_iter: int) -> None:
+    """Time the kernels alone at one shape (float32 operands, as the ops feed them): the state pass with and
+    without correction keys, the unit-lower inverse (Pallas vs XLA) and GKA's solve (Pallas kernel vs XLA)."""
+    from pallas_kernels._pallas import backend_for
+    from pallas_kernels.chunk_scan import scan
+    from pallas_kernels.gated_delta_rule import unit_lower_inverse
+    from pallas_kernels.gka import Solver, _apply_chunk
+
+    backend, c = backend_for(), 64
+    bh, n = b * h, -(-t // c)
+    rng = np.random.default_rng(0)
+    normal = lambda *shape, s=1.0: jnp.asarray(rng.standard_normal(shape) * s, jnp.float32)
+    kw, w, u = normal(bh, n, c, d, s=0.1), normal(bh, n, c, d, s=0.1), normal(bh, n, c, d)
+    decay, s0 = jnp.full((bh, n), 0.9, jnp.float32), jnp.zeros((bh, d, d), jnp.float32)
+    print("| component | fwd ms | fwd+bwd ms |\n|---|---|---|")
+    for name, corr in (("chunk_scan", None), ("chunk_scan with correction keys (GDN)", w)):
+        fwd = jax.jit(lambda *a: scan(backend, *a))
+        total = lambda *a: sum(jnp.sum(o) for o in scan(backend, *a) if o is not None)
+        both = jax.jit(jax.grad(total, argnums=(0, 1, 3)))
+        args = (kw, u, corr, decay, s0)
+        print(f"| {name} | {median_ms(fwd, args, repeats):.3f} | {median_ms(both, args, repeats):.3f} |")
+    a = jnp.tril(normal(bh, n, c, c, s=0.05), -1)
+    for name, which in (("Pallas", backend), ("XLA", None)):
+        inverse = jax.jit(lambda a, which=which: unit_lower_inverse(which, a))
+        print(f"| unit_lower_inverse, {name} | {median_ms(inverse, (a,), repeats):.3f} | |")
+    past = normal(bh, n, 3 * d, d, s=d**-0.5)
+    ops = (jnp.einsum("...nj,...nk->...jk", past, past), jnp.ones((bh, n, c), jnp.float32),
+           jnp.tril(jnp.ones((bh, n, c, c), jnp.float32)), kw)
+    f = jnp.full((bh, n, c, 1), 3.0 * d**0.5, jnp.float32)
+    for name, solver in ((f"GKA solve, {num_iter} it, Pallas", Solver(num_iter, backend)),
+                         (f"GKA solve, {num_iter} it, XLA", Solver(num_iter))):
+        solve = jax.jit(lambda *a, solver=solver: solver(_apply_chunk, a[:4], *a[4:]))
+        print(f"| {name} | {median_ms(solve, (*ops, u, 0.02 * f, f), repeats):.3f} | |")
 
 
 def main(argv=None) -> None:
@@ -177,8 +214,13 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--chunked-max-t", type=int, default=32768, help="skip chunked XLA above this T")
+    p.add_argument("--components", action="store_true", help="time the kernels alone (first shape only)")
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
+    if args.components:
+        print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, shape {args.shapes.split(',')[0]}")
+        components(*(int(v) for v in args.shapes.split(",")[0].split("x")), args.repeats, args.num_iter)
+        return
     peers = {} if args.no_peers else torch_peers()
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, {args.dtype}, GKA {args.num_iter} iterations")
     print("| shape B×T×H×D | op | implementation | fwd ms | fwd+bwd ms | GFLOP fwd / fwd+bwd | TFLOP/s fwd / f+b "
@@ -192,7 +234,9 @@ def main(argv=None) -> None:
             if op == "ssd":
                 problem = ssd_problem(b, t, h, d, groups=min(8, h))
                 jx = [jnp.asarray(a, dtype if a.ndim == 4 else jnp.float32) for a in problem]
-                rows.append(("ours (pallas) simple_gla", time_jax(ssd_through_simple_gla, jx, args.repeats), True))
+                impl = args.impls.split(",")[0]
+                fn = functools.partial(ssd_through_simple_gla, impl=impl)
+                rows.append((f"ours ({impl}) simple_gla", time_jax(fn, jx, args.repeats), impl == "pallas"))
                 if "ssd" in peers:
                     import torch
 

@@ -140,3 +140,16 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
     # GKA on a GPU at K = 128 keeps its solve in XLA (pallas_kernels.gka._pallas_solve says why): 4 kernels, not 6.
     want = {"simple_gla": 2, "gated_delta_rule": 3, "gka": 4 if variant == "triton" else 6}[op]
     assert text.count(target) == want
+
+
+def test_bench_runs_on_a_cpu(capsys):
+    """The benchmark's table and component timings at a toy shape (peers skipped: no GPU here)."""
+    from pallas_kernels import bench
+
+    bench.main(["--shapes", "1x40x2x16", "--repeats", "1", "--num-iter", "2", "--dtype", "float32", "--no-peers"])
+    table = capsys.readouterr().out
+    for op in ("gated_delta_rule", "simple_gla", "ssd", "gka", "causal_conv1d"):
+        assert f"| 1x40x2x16 | {op} |" in table
+    assert "failed" not in table
+    bench.main(["--shapes", "1x64x2x16", "--components", "--repeats", "1", "--num-iter", "2"])
+    assert "| unit_lower_inverse, Pallas |" in capsys.readouterr().out
