@@ -297,14 +297,14 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
     dtype, out_dtype = acc_dtype(q, k, v), v.dtype
     impl = resolve_impl("gka", impl, dtype)
     h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
+    # One cast for every use: k feeds four paths whose gradients partly cancel; summed in float32 first.
+    q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
     if impl.startswith("pallas"):
         backend = backend_for(impl[7:])
         x, h_kk = _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
         q_tilde = q + alpha[..., None] * (x - q)
         o, h_kv = simple_gla_pallas(backend, q_tilde, k, v, g, h_kv, scale, chunk_size, exact=True)
-        return o.astype(out_dtype), ((h_kk, h_kv) if output_final_state else None)
-    q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
-    if impl == "reference":
+    elif impl == "reference":
         o, (h_kk, h_kv) = _reference(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter)
     else:
         x, h_kk = _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
