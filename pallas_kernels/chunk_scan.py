@@ -36,7 +36,7 @@ f32 = jnp.float32
 class ScanConfig:
     """How to run the scan: V columns per Triton program, Triton pipeline stages, float32-accurate matmuls.
 
-    The defaults were the fastest of block_v ∈ {16, 32, 64} × stages ∈ {1, 2, 3} on an H100 (BENCHMARKS.md).
+    The defaults were the fastest settings timed on an H100 (block_v 16, 32, 64; 1 to 3 stages; BENCHMARKS.md).
     """
 
     block_v: int = 32
