@@ -123,8 +123,8 @@ def from_head_chunks(x, b: int, t: int):
 
 
 def pallas_prologue(op: str, q, k, v, g, state, chunk_size: int):
-    """The Pallas paths' common start: head-chunked float32 q, k, v, log decays with their in-chunk prefix and
-    decay matrix, and the state in float32.
+    """The Pallas paths' common start: head-chunked float32 q, k, v (None stays None), log decays with their
+    in-chunk prefix and decay matrix, and the state in float32.
 
     Upcasting bf16 inputs here (not only accumulating in float32) matters for the backward pass: each path's
     gradient contribution would otherwise be rounded to bf16 before they are summed, and they partly cancel
@@ -132,6 +132,6 @@ def pallas_prologue(op: str, q, k, v, g, state, chunk_size: int):
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"{op}: the Pallas kernels need a power-of-two chunk_size ≥ 16, got {chunk_size}")
-    q, k, v, g = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (q, k, v, g))
+    q, k, v, g = (None if x is None else to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (q, k, v, g))
     prefix, decay = chunk_decay(g)
     return q, k, v, g, prefix, decay, state.astype(jnp.float32).reshape(-1, *state.shape[2:])

@@ -170,8 +170,8 @@ def _forward(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
     bh, n, c, k = kw.shape
     v = u.shape[-1]
     bv = config.block(backend, v)
-    kernel_args = dict(has_w=w is not None, precision=backend.precision(config.exact))
     has_w = w is not None
+    kernel_args = dict(has_w=has_w, precision=backend.precision(config.exact))
     out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), f32), jax.ShapeDtypeStruct((bh, k, v), f32)]
     if has_w:
         out_shape.append(jax.ShapeDtypeStruct((bh, n, c, v), f32))
@@ -183,8 +183,8 @@ def _forward(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
         in_specs = [keys, vals] + [keys] * has_w + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state]
         out_specs = [pl.BlockSpec((None, n, k, bv), lambda b, j: (b, 0, 0, j)), state] + [vals] * has_w
         call = backend.call(functools.partial(_fwd_triton, n_chunks=n, **kernel_args), grid=(bh, v // bv),
-                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4, num_stages=config.num_stages,
-                            name="chunk_scan_fwd")
+                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                            num_stages=config.num_stages, name="chunk_scan_fwd")
         return call(*ins, decay, s0)
     keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, i, 0, 0))
     vals = pl.BlockSpec((None, None, c, bv), lambda b, j, i: (b, i, 0, j))
@@ -202,9 +202,9 @@ def _backward(backend: Backend, config: ScanConfig, kw, u, w, decay, starts, dst
     bh, n, c, k = kw.shape
     v = u.shape[-1]
     bv = config.block(backend, v)
-    kernel_args = dict(has_w=w is not None, precision=backend.precision(config.exact))
     nv = v // bv
     has_w = w is not None
+    kernel_args = dict(has_w=has_w, precision=backend.precision(config.exact))
     ins = [kw, u] + ([w] if has_w else []) + [decay]
     rest = [starts, dstarts, dfinal] + ([du_out] if has_w else [])
     out_shape = [jax.ShapeDtypeStruct((bh, nv, n, c, k), f32), jax.ShapeDtypeStruct((bh, n, c, v), f32),
@@ -222,8 +222,8 @@ def _backward(backend: Backend, config: ScanConfig, kw, u, w, decay, starts, dst
         out_specs = ([per_block_keys, vals, pl.BlockSpec((None, None, n), lambda b, j: (b, j, 0)), state]
                      + [per_block_keys] * has_w)
         call = backend.call(functools.partial(_bwd_triton, n_chunks=n, **kernel_args), grid=(bh, nv),
-                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, num_warps=4, num_stages=config.num_stages,
-                            name="chunk_scan_bwd")
+                            in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                            num_stages=config.num_stages, name="chunk_scan_bwd")
         return call(*ins, *rest)
     last = n - 1
     keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, last - i, 0, 0))

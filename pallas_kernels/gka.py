@@ -227,7 +227,7 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     """_chunked_solve on the Pallas kernels: H₀ of every chunk from chunk_scan (values = keys), then one
     Chebyshev kernel program per chunk, forward and for the implicit backward solve."""
     b, t, h, dk = q.shape
-    q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, k, g, h_kk, chunk_size)
+    q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, None, g, h_kk, chunk_size)
     h0, h_final, _ = scan(backend, mask_decay[..., -1, :, None] * k, k, None, jnp.exp(prefix[..., -1]), h_kk,
                           ScanConfig(exact=True))
     decay = jnp.exp(prefix)

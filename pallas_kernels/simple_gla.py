@@ -59,10 +59,15 @@ def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False):
     q, k, v, g, prefix, decay, state = pallas_prologue("simple_gla", q, k, v, g, state, chunk_size)
     to_end = decay[..., -1, :, None]
     starts, state, _ = scan(backend, k * to_end, v, None, jnp.exp(prefix[..., -1]), state, ScanConfig(exact=exact))
-    mm = einsum if exact else jnp.einsum
-    o = scale * (jnp.exp(prefix)[..., None] * mm("...ck,...kv->...cv", q, starts)
-                 + mm("...ts,...sv->...tv", mm("...tk,...sk->...ts", q, k) * decay, v))
+    o = chunk_output(q, k, v, starts, prefix, decay, scale, einsum if exact else jnp.einsum)
     return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
+
+
+def chunk_output(q, k, u, starts, prefix, decay, scale, mm=jnp.einsum):
+    """Every chunk's outputs from its entering state and its own values u (head-chunked, all at once):
+    scale·(e^G ∘ (Q S₀) + ((Q Kᵀ) ∘ M) U), with mm the einsum (float32-accurate or the platform default)."""
+    inter = jnp.exp(prefix)[..., None] * mm("...ck,...kv->...cv", q, starts)
+    return scale * (inter + mm("...ts,...sv->...tv", mm("...tk,...sk->...ts", q, k) * decay, u))
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):
