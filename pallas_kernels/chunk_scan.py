@@ -14,7 +14,8 @@ Backward (custom VJP) runs the same loop from the last chunk, with dS the cotang
     du_n = ū_n + kw_n dS,  d kw_n = u_n dSᵀ,  d ũ_n = du_n,  d w_n = −du_n S_nᵀ,  d d_n = ⟨S_n, dS⟩,
     dS ← d_n dS − w_nᵀ du_n + (cotangent of the saved state S_n).
 The state is split into V blocks (programs of their own); d kw, d w and d d are summed over them afterwards.
-States are float32, matmuls accumulate in float32.
+The carried state is float32 and matmuls accumulate in float32; operands keep their dtype (bf16 in: tensor-core
+products) and the saved states come in the keys' dtype.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ class ScanConfig:
 
 
 def _fwd_step(s, kw, u, w, d, precision):
+    """Operands in their own dtype (bf16 in: tensor-core products; the state is rounded to it for w S)."""
     if w is not None:
-        u = u - dot(w, s, precision=precision)
-    return u, d * s + dot(kw, u, ta=True, precision=precision)
+        u = u.astype(f32) - dot(w, s.astype(w.dtype), precision=precision)
+    return u, d * s + dot(kw, u.astype(kw.dtype), ta=True, precision=precision)
 
 
 def _bwd_step(ds, s, kw, u, w, d, dstart, du, precision):
@@ -70,16 +72,16 @@ def _bwd_step(ds, s, kw, u, w, d, dstart, du, precision):
 
 
 # ----------------------------------------------------------------------------------------------------- Triton
-def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision):
+def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision, reverse):
     if has_w:
         w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref = refs
     else:
         (d_ref, s0_ref, starts_ref, final_ref), w_ref, uout_ref = refs, None, None
 
-    def body(n, s):
+    def body(i, s):
+        n = n_chunks - 1 - i if reverse else i
         starts_ref[n] = s.astype(starts_ref.dtype)
-        u, s = _fwd_step(s, kw_ref[n].astype(f32), u_ref[n].astype(f32),
-                         None if w_ref is None else w_ref[n].astype(f32), d_ref[n], precision)
+        u, s = _fwd_step(s, kw_ref[n], u_ref[n], None if w_ref is None else w_ref[n], d_ref[n], precision)
         if uout_ref is not None:
             uout_ref[n] = u.astype(uout_ref.dtype)
         return s
@@ -112,7 +114,8 @@ def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision):
 
 
 # ----------------------------------------------------------------------------------------------------- Mosaic
-def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, precision):
+def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, precision, reverse):
+    del reverse  # in the index maps
     if has_w:
         w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, s_scr = refs
     else:
@@ -125,8 +128,7 @@ def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, precision):
 
     s = s_scr[...]
     starts_ref[...] = s.astype(starts_ref.dtype)
-    u, s = _fwd_step(s, kw_ref[...].astype(f32), u_ref[...].astype(f32),
-                     None if w_ref is None else w_ref[...].astype(f32), d_ref[...], precision)
+    u, s = _fwd_step(s, kw_ref[...], u_ref[...], None if w_ref is None else w_ref[...], d_ref[...], precision)
     if uout_ref is not None:
         uout_ref[...] = u.astype(uout_ref.dtype)
     s_scr[...] = s
@@ -166,15 +168,17 @@ def _bwd_mosaic(kw_ref, u_ref, *refs, has_w, precision):
 
 
 # ---------------------------------------------------------------------------------------------------- calls
-def _forward(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
+def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False):
+    """States entering every chunk (in kw's dtype), the final state (float32) and, with w, u (in u's dtype);
+    reverse runs from the last chunk to the first (the backward state pass of an op)."""
     bh, n, c, k = kw.shape
     v = u.shape[-1]
     bv = config.block(backend, v)
     has_w = w is not None
-    kernel_args = dict(has_w=has_w, precision=backend.precision(config.exact))
-    out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), f32), jax.ShapeDtypeStruct((bh, k, v), f32)]
+    kernel_args = dict(has_w=has_w, precision=backend.precision(config.exact), reverse=reverse)
+    out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), kw.dtype), jax.ShapeDtypeStruct((bh, k, v), f32)]
     if has_w:
-        out_shape.append(jax.ShapeDtypeStruct((bh, n, c, v), f32))
+        out_shape.append(jax.ShapeDtypeStruct((bh, n, c, v), u.dtype))
     ins = [kw, u] + ([w] if has_w else [])
     if backend.name == "triton":
         keys = pl.BlockSpec((None, n, c, k), lambda b, j: (b, 0, 0, 0))
@@ -186,12 +190,13 @@ def _forward(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
                             in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                             num_stages=config.num_stages, name="chunk_scan_fwd")
         return call(*ins, decay, s0)
-    keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, i, 0, 0))
-    vals = pl.BlockSpec((None, None, c, bv), lambda b, j, i: (b, i, 0, j))
+    at = (lambda i: n - 1 - i) if reverse else (lambda i: i)
+    keys = pl.BlockSpec((None, None, c, k), lambda b, j, i: (b, at(i), 0, 0))
+    vals = pl.BlockSpec((None, None, c, bv), lambda b, j, i: (b, at(i), 0, j))
     state = pl.BlockSpec((None, k, bv), lambda b, j, i: (b, 0, j))
-    scalar = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, i, 0, 0))
+    scalar = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, at(i), 0, 0))
     in_specs = [keys, vals] + [keys] * has_w + [scalar, state]
-    out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, i, 0, j)), state] + [vals] * has_w
+    out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, at(i), 0, j)), state] + [vals] * has_w
     call = backend.call(functools.partial(_fwd_mosaic, **kernel_args), grid=(bh, v // bv, n), in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
                         semantics=("parallel", "parallel", "arbitrary"), name="chunk_scan_fwd")
@@ -245,11 +250,11 @@ def _backward(backend: Backend, config: ScanConfig, kw, u, w, decay, starts, dst
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def chunk_scan(backend: Backend, config: ScanConfig, kw, u, w, decay, s0):
-    """(starts [BH, N, K, V], final [BH, K, V], u [BH, N, C, V] or None), all float32.
+    """(starts [BH, N, K, V] in kw's dtype, final [BH, K, V] float32, u [BH, N, C, V] or None).
 
     kw [BH, N, C, K], u [BH, N, C, V], w [BH, N, C, K] or None, decay [BH, N], s0 [BH, K, V].
     """
-    outs = _forward(backend, config, kw, u, w, decay.astype(f32), s0)
+    outs = state_pass(backend, config, kw, u, w, decay.astype(f32), s0)
     return outs[0], outs[1], (outs[2] if w is not None else None)
 
 

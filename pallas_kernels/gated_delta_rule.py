@@ -16,8 +16,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
                                     pallas_prologue, prepare, resolve_impl, to_chunks, to_head_chunks)
 from pallas_kernels._pallas import backend_for, dot
+from pallas_kernels.chunk_output import chunk_output
 from pallas_kernels.chunk_scan import scan
-from pallas_kernels.simple_gla import chunk_output
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -147,7 +147,7 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k)
     u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v)
     starts, state, u = scan(backend, decay[..., -1, :, None] * k, u_tilde, w, gamma[..., -1], state)
-    o = chunk_output(q, k, u, starts, prefix, decay, scale)
+    o = chunk_output(backend, False, q, k, u, starts, prefix, scale)
     return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
 
 

@@ -4,16 +4,20 @@ Recurrence per head: S_t = e^{g_t} S_{t−1} + k_t v_tᵀ (S is [K, V]), o_t = s
 Chunked form (SPEC §7), per chunk of C tokens with incoming state S₀, G = in-chunk cumsum(g), M the masked decay:
 O = scale·(diag(e^G) Q S₀ + ((Q Kᵀ) ∘ M) V), and S₀ ← e^{G_C} S₀ + (K ∘ e^{G_C − G})ᵀ V.
 The chunk-local terms are computed for all chunks at once; only the cheap state recurrence runs in a lax.scan
-("chunked") or in the Pallas chunk_scan kernel ("pallas"; the chunk-local terms then stay in XLA, in float32).
+("chunked"). The Pallas path ("pallas") is two kernels each way: the chunk_scan state pass and the chunk_output
+kernel forward; the same state pass run backwards over the state's cotangent, then chunk_output's backward.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
-                                    pallas_prologue, prepare, resolve_impl, to_chunks)
-from pallas_kernels._pallas import backend_for
-from pallas_kernels.chunk_scan import ScanConfig, scan
+from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
+                                    from_head_chunks, prepare, resolve_impl, to_chunks, to_head_chunks)
+from pallas_kernels._pallas import backend_for, pad_axis, pow2_at_least
+from pallas_kernels.chunk_output import output_backward, output_forward
+from pallas_kernels.chunk_scan import ScanConfig, state_pass
 
 
 def _step(q, k, v, g, state, scale):
@@ -54,20 +58,51 @@ def _chunked(q, k, v, g, state, scale, chunk_size):
 
 
 def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False):
-    """The Pallas path; exact: float32-accurate matmuls throughout (GKA's read-out, whose queries are large)."""
-    b, t, h, _ = q.shape
-    q, k, v, g, prefix, decay, state = pallas_prologue("simple_gla", q, k, v, g, state, chunk_size)
-    to_end = decay[..., -1, :, None]
-    starts, state, _ = scan(backend, k * to_end, v, None, jnp.exp(prefix[..., -1]), state, ScanConfig(exact=exact))
-    o = chunk_output(q, k, v, starts, prefix, decay, scale, einsum if exact else jnp.einsum)
-    return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
+    """The Pallas path on [B, T, H, ·] inputs: head-chunked in their own dtype, K and V padded to powers of two
+    for Triton (zero columns stay zero); exact: float32-accurate matmuls (GKA's read-out, whose queries are large)."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    check_pallas_chunk("simple_gla", chunk_size)
+    kp, vp = (pow2_at_least(dk), pow2_at_least(dv)) if backend.name == "triton" else (dk, dv)
+    q, k = (pad_axis(to_head_chunks(x, chunk_size), -1, kp) for x in (q, k))
+    v = pad_axis(to_head_chunks(v, chunk_size), -1, vp)
+    g = to_head_chunks(g.astype(jnp.float32), chunk_size)
+    s0 = pad_axis(pad_axis(state.astype(jnp.float32).reshape(b * h, dk, dv), -1, vp), -2, kp)
+    o, final = _gla_chunks(backend, ScanConfig(exact=exact), scale, q, k, v, g, s0)
+    return from_head_chunks(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
-def chunk_output(q, k, u, starts, prefix, decay, scale, mm=jnp.einsum):
-    """Every chunk's outputs from its entering state and its own values u (head-chunked, all at once):
-    scale·(e^G ∘ (Q S₀) + ((Q Kᵀ) ∘ M) U), with mm the einsum (float32-accurate or the platform default)."""
-    inter = jnp.exp(prefix)[..., None] * mm("...ck,...kv->...cv", q, starts)
-    return scale * (inter + mm("...ts,...sv->...tv", mm("...tk,...sk->...ts", q, k) * decay, u))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gla_chunks(backend, config, scale, q, k, v, g, s0):
+    """Simple GLA on head-chunked q, k [BH, N, C, K], v [BH, N, C, V], log decays g [BH, N, C] and s0 [BH, K, V]:
+    the chunk_scan state pass, then every chunk's output in one chunk_output kernel. Returns (o, final state)."""
+    return _gla_fwd(backend, config, scale, q, k, v, g, s0)[0]
+
+
+def _gla_fwd(backend, config, scale, q, k, v, g, s0):
+    prefix = jnp.cumsum(g, axis=-1)
+    end = prefix[..., -1:]
+    kw = (k * jnp.exp(end - prefix)[..., None]).astype(k.dtype)
+    starts, final = state_pass(backend, config, kw, v, None, jnp.exp(end[..., 0]), s0)
+    o = output_forward(backend, q, k, v, starts, prefix, scale, config.exact)
+    return (o, final), (q, k, v, g, starts)
+
+
+def _gla_bwd(backend, config, scale, res, cts):
+    # The state's cotangent runs backwards from the last chunk (dS_n = e^{G_C} dS_{n+1} + scale·(e^G ∘ Q)ᵀ dO);
+    # the per-chunk gradients, state-update terms included, then come from one parallel kernel. dG → dg is the
+    # reverse in-chunk cumsum (G_t = Σ_{j≤t} g_j).
+    q, k, v, g, starts = res
+    do, dfinal = cts
+    prefix = jnp.cumsum(g, axis=-1)
+    qw = (scale * q * jnp.exp(prefix)[..., None]).astype(q.dtype)
+    dnext, ds0 = state_pass(backend, config, qw, do.astype(v.dtype), None, jnp.exp(prefix[..., -1]),
+                           dfinal.astype(jnp.float32), reverse=True)
+    dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, scale, config.exact, dnext)
+    return dq, dk, dv, jax.lax.cumsum(dprefix, axis=g.ndim - 1, reverse=True), ds0
+
+
+_gla_chunks.defvjp(_gla_fwd, _gla_bwd)
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, chunk_size=64, impl="auto"):

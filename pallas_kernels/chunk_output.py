@@ -1,0 +1,152 @@
+"""The parallel half of every chunked SSM op as Pallas kernels: each chunk's outputs from its entering state.
+
+Per chunk of C tokens with queries Q, keys K [C, K], values U [C, V], entering state S [K, V] and in-chunk log-decay
+prefix G [C] (M[t, s] = e^{G_t − G_s} for s ≤ t, else 0):
+
+    O = scale·(e^G ∘ (Q S) + ((Q Kᵀ) ∘ M) U)
+
+One program per (head, chunk), all chunks at once (no carried state), so the same body serves Triton and Mosaic.
+Operands stay in the input dtype (bf16 in, tensor-core products with float32 accumulation) unless `exact`, which
+keeps float32 operands with float32-accurate products (GKA's read-out, whose queries are large).
+
+Backward of O, with dA = scale·(dO Uᵀ) ∘ M and A = (Q Kᵀ) ∘ M:
+    dQ = dA K + scale·e^G ∘ (dO Sᵀ),  dK = dAᵀ Q,  dU = scale·Aᵀ dO,  dS = scale·(e^G ∘ Q)ᵀ dO,
+    dG_t = q_t·dq_t − k_t·dk_t   (every term depends on G through e^{G_t} on a query or e^{−G_s} on a key).
+Given dS' (the cotangent of the state leaving the chunk, S' = e^{G_C} S + (e^{G_C − G} ∘ K)ᵀ U) the same kernel also
+adds the state-update terms, so a whole simple-GLA backward is one reverse state pass plus this kernel:
+    dK += e^{G_C − G} ∘ (U dS'ᵀ),  dU += e^{G_C − G} ∘ (K dS'),  dG_C += Σ_s k_s·(state part of dk_s) + e^{G_C}⟨S, dS'⟩.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._pallas import Backend, dot
+
+f32 = jnp.float32
+
+
+def _decay_matrix(gc, gr):
+    """M[t, s] = e^{G_t − G_s} for s ≤ t, else 0 (masked before the exp), from G as a column and as a row."""
+    c = gc.shape[0]
+    causal = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) >= jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return jnp.exp(jnp.where(causal, gc - gr, -jnp.inf))
+
+
+def _total(x):
+    """Sum of a 2-D tile as a (1, 1) tile (Mosaic reduces axis by axis)."""
+    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, precision):
+    q, k, u = q_ref[...], k_ref[...], u_ref[...]
+    gc = gc_ref[...]
+    mm = functools.partial(dot, precision=precision)
+    a = mm(q, k, tb=True) * _decay_matrix(gc, gr_ref[...])
+    o = jnp.exp(gc) * mm(q, s_ref[...].astype(q.dtype)) + mm(a.astype(u.dtype), u)
+    o_ref[...] = (scale * o).astype(o_ref.dtype)
+
+
+def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, *refs, scale, precision, has_dnext):
+    if has_dnext:
+        dnext_ref, dq_ref, dk_ref, du_ref, dg_ref = refs
+    else:
+        dq_ref, dk_ref, du_ref, dg_ref, ds_ref = refs
+    q, k, u, do = q_ref[...], k_ref[...], u_ref[...], do_ref[...].astype(u_ref.dtype)
+    op = q.dtype
+    gc = gc_ref[...]
+    s = s_ref[...].astype(op)
+    mm = functools.partial(dot, precision=precision)
+    m = _decay_matrix(gc, gr_ref[...])
+    eg = jnp.exp(gc)
+    a = mm(q, k, tb=True) * m
+    da = (scale * mm(do, u, tb=True) * m).astype(op)
+    dq = mm(da, k) + scale * eg * mm(do, s, tb=True)
+    dk = mm(da, q, ta=True)
+    du = scale * mm(a.astype(op), do, ta=True)
+    q32, k32 = q.astype(f32), k.astype(f32)
+    dg = jnp.sum(q32 * dq, axis=-1, keepdims=True)
+    if has_dnext:
+        c = gc.shape[0]
+        last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+        g_end = jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)  # G_C as (1, 1)
+        to_end = jnp.exp(g_end - gc)
+        dnext = dnext_ref[...]
+        dk_state = to_end * mm(u, dnext.astype(op), tb=True)
+        du = du + to_end * mm(k, dnext.astype(op))
+        d_end = _total(k32 * dk_state) + jnp.exp(g_end) * _total(s_ref[...].astype(f32) * dnext.astype(f32))
+        dk = dk + dk_state
+        dg = dg + jnp.where(last, d_end, 0)
+    else:
+        ds_ref[...] = (scale * mm((q32 * eg).astype(op), do, ta=True)).astype(ds_ref.dtype)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    du_ref[...] = du.astype(du_ref.dtype)
+    dg_ref[...] = dg - jnp.sum(k32 * dk, axis=-1, keepdims=True)
+
+
+def _specs(q, u):
+    """Per-(head, chunk) blocks of [BH, N, C, ·] arrays, states [BH, N, K, V] and G as column and row."""
+    c, dk, dv = q.shape[2], q.shape[3], u.shape[3]
+    block = lambda *shape: pl.BlockSpec((None, None, *shape), lambda b, n: (b, n, 0, 0))
+    return block(c, dk), block(c, dv), block(dk, dv), block(c, 1), block(1, c)
+
+
+def _decays(prefix):
+    """G [BH, N, C] as a column and a row (reshapes, no copies)."""
+    return prefix[..., :, None].astype(f32), prefix[..., None, :].astype(f32)
+
+
+def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False):
+    """O [BH, N, C, V] in u's dtype from head-chunked q, k [BH, N, C, K], u [BH, N, C, V], states entering every
+    chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
+    keys, vals, state, col, row = _specs(q, u)
+    kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
+    return backend.call(kernel, grid=q.shape[:2], in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
+                        out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype), semantics=("parallel", "parallel"),
+                        num_warps=4, num_stages=2, name="chunk_output_fwd")(q, k, u, starts, *_decays(prefix))
+
+
+def output_backward(backend: Backend, q, k, u, starts, prefix, do, scale, exact=False, dnext=None):
+    """(dq, dk, du, dG, dS): cotangents of output_forward's inputs given dO (dS is None when dnext is given).
+
+    dnext [BH, N, K, V], the cotangent of the state leaving each chunk, adds the state-update terms (see the
+    module docstring). dG is float32 [BH, N, C]; the others come in their inputs' dtypes.
+    """
+    keys, vals, state, col, row = _specs(q, u)
+    has_dnext = dnext is not None
+    kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact), has_dnext=has_dnext)
+    like = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
+    gcol = like(prefix[..., None], f32)
+    out_shape = [like(q), like(k), like(u), gcol] + ([] if has_dnext else [like(starts, f32)])
+    out_specs = [keys, keys, vals, col] + ([] if has_dnext else [state])
+    ins = [q, k, u, starts, *_decays(prefix), do] + ([dnext] if has_dnext else [])
+    in_specs = [keys, keys, vals, state, col, row, vals] + ([state] if has_dnext else [])
+    outs = backend.call(kernel, grid=q.shape[:2], in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        semantics=("parallel", "parallel"), num_warps=4, num_stages=2,
+                        name="chunk_output_bwd")(*ins)
+    dq, dk, du, dg = outs[:4]
+    return dq, dk, du, dg[..., 0], (None if has_dnext else outs[4])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 7))
+def chunk_output(backend: Backend, exact: bool, q, k, u, starts, prefix, scale):
+    """output_forward with its VJP, for ops whose state pass has a VJP of its own (the gated delta rule)."""
+    return output_forward(backend, q, k, u, starts, prefix, scale, exact)
+
+
+def _chunk_output_fwd(backend, exact, q, k, u, starts, prefix, scale):
+    return output_forward(backend, q, k, u, starts, prefix, scale, exact), (q, k, u, starts, prefix)
+
+
+def _chunk_output_bwd(backend, exact, scale, res, do):
+    q, k, u, starts, prefix = res
+    dq, dk, du, dg, ds = output_backward(backend, q, k, u, starts, prefix, do, scale, exact)
+    return dq, dk, du, ds.astype(starts.dtype), dg.astype(prefix.dtype)
+
+
+chunk_output.defvjp(_chunk_output_fwd, _chunk_output_bwd)
