@@ -28,6 +28,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels._pallas import Backend, dot
 
 f32 = jnp.float32
+# Triton launch settings (warps, pipeline stages) per kernel.
+TRITON = {"fwd": (4, 2), "bwd": (4, 2)}
 
 
 def _decay_matrix(gc, gr):
@@ -106,9 +108,10 @@ def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False
     chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
     keys, vals, state, col, row = _specs(q, u)
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
-    return backend.call(kernel, grid=q.shape[:2], in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
+    call = backend.call(kernel, grid=q.shape[:2], in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
                         out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype), semantics=("parallel", "parallel"),
-                        num_warps=4, num_stages=2, name="chunk_output_fwd")(q, k, u, starts, *_decays(prefix))
+                        num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
+    return call(q, k, u, starts, *_decays(prefix))
 
 
 def output_backward(backend: Backend, q, k, u, starts, prefix, do, scale, exact=False, dnext=None):
@@ -127,8 +130,8 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, scale, exact=
     ins = [q, k, u, starts, *_decays(prefix), do] + ([dnext] if has_dnext else [])
     in_specs = [keys, keys, vals, state, col, row, vals] + ([state] if has_dnext else [])
     outs = backend.call(kernel, grid=q.shape[:2], in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                        semantics=("parallel", "parallel"), num_warps=4, num_stages=2,
-                        name="chunk_output_bwd")(*ins)
+                        semantics=("parallel", "parallel"), num_warps=TRITON["bwd"][0],
+                        num_stages=TRITON["bwd"][1], name="chunk_output_bwd")(*ins)
     dq, dk, du, dg = outs[:4]
     return dq, dk, du, dg[..., 0], (None if has_dnext else outs[4])
 
