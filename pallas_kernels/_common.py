@@ -127,6 +127,20 @@ def check_pallas_chunk(op: str, chunk_size: int):
         raise ValueError(f"{op}: the Pallas kernels need a power-of-two chunk_size ≥ 16, got {chunk_size}")
 
 
+def to_token_chunks(x, chunk_size: int):
+    """[B, T, H, ...] → [B, N, C, H, ...] (T zero-padded to N·C): a reshape, for kernels that read [B, T, H, D]
+    tiles in place (Triton)."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, n, chunk_size, *x.shape[2:])
+
+
+def from_token_chunks(x, b: int, t: int):
+    """[B, N, C, H, ...] → [B, T, H, ...], dropping the padding."""
+    return x.reshape(b, -1, *x.shape[3:])[:, :t]
+
+
 def pallas_prologue(op: str, q, k, v, g, state, chunk_size: int):
     """The Pallas paths' common start: head-chunked float32 q, k, v (None stays None), log decays with their
     in-chunk prefix and decay matrix, and the state in float32.

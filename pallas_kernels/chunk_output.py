@@ -28,8 +28,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels._pallas import Backend, dot
 
 f32 = jnp.float32
-# Triton launch settings (warps, pipeline stages) per kernel.
-TRITON = {"fwd": (4, 2), "bwd": (4, 2)}
+# Triton launch settings (warps, pipeline stages) per kernel, timed on an H100 (4 or 8 warps, 1 to 3 stages).
+TRITON = {"fwd": (4, 2), "bwd": (8, 2)}
 
 
 def _decay_matrix(gc, gr):
@@ -92,10 +92,21 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, *refs, scale
 
 
 def _specs(q, u):
-    """Per-(head, chunk) blocks of [BH, N, C, ·] arrays, states [BH, N, K, V] and G as column and row."""
-    c, dk, dv = q.shape[2], q.shape[3], u.shape[3]
+    """Per-(head, chunk) blocks of q, k and u, states [BH, N, K, V] and G as column and row; q, k, u either
+    head-chunked [BH, N, C, ·] or token-major [B, N, C, H, ·] (Triton: the op's [B, T, H, ·] reshaped)."""
+    c, dk, dv = q.shape[2], q.shape[-1], u.shape[-1]
     block = lambda *shape: pl.BlockSpec((None, None, *shape), lambda b, n: (b, n, 0, 0))
-    return block(c, dk), block(c, dv), block(dk, dv), block(c, 1), block(1, c)
+    if q.ndim == 5:
+        heads = q.shape[3]
+        tokens = lambda d: pl.BlockSpec((None, None, c, None, d), lambda b, n: (b // heads, n, 0, b % heads, 0))
+        keys, vals = tokens(dk), tokens(dv)
+    else:
+        keys, vals = block(c, dk), block(c, dv)
+    return keys, vals, block(dk, dv), block(c, 1), block(1, c)
+
+
+def _grid(q):
+    return (q.shape[0] * (q.shape[3] if q.ndim == 5 else 1), q.shape[1])
 
 
 def _decays(prefix):
@@ -104,11 +115,11 @@ def _decays(prefix):
 
 
 def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False):
-    """O [BH, N, C, V] in u's dtype from head-chunked q, k [BH, N, C, K], u [BH, N, C, V], states entering every
-    chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
+    """O (u's layout and dtype) from q, k, u (layouts as in _specs), the states entering every chunk
+    [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
     keys, vals, state, col, row = _specs(q, u)
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
-    call = backend.call(kernel, grid=q.shape[:2], in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
+    call = backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
                         out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype), semantics=("parallel", "parallel"),
                         num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
     return call(q, k, u, starts, *_decays(prefix))
@@ -124,12 +135,12 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, scale, exact=
     has_dnext = dnext is not None
     kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact), has_dnext=has_dnext)
     like = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
-    gcol = like(prefix[..., None], f32)
+    gcol = jax.ShapeDtypeStruct((*prefix.shape, 1), f32)
     out_shape = [like(q), like(k), like(u), gcol] + ([] if has_dnext else [like(starts, f32)])
     out_specs = [keys, keys, vals, col] + ([] if has_dnext else [state])
     ins = [q, k, u, starts, *_decays(prefix), do] + ([dnext] if has_dnext else [])
     in_specs = [keys, keys, vals, state, col, row, vals] + ([state] if has_dnext else [])
-    outs = backend.call(kernel, grid=q.shape[:2], in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+    outs = backend.call(kernel, grid=_grid(q), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                         semantics=("parallel", "parallel"), num_warps=TRITON["bwd"][0],
                         num_stages=TRITON["bwd"][1], name="chunk_output_bwd")(*ins)
     dq, dk, du, dg = outs[:4]

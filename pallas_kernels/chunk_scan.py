@@ -72,16 +72,28 @@ def _bwd_step(ds, s, kw, u, w, d, dstart, du, precision):
 
 
 # ----------------------------------------------------------------------------------------------------- Triton
-def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision, reverse):
-    if has_w:
-        w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref = refs
-    else:
-        (d_ref, s0_ref, starts_ref, final_ref), w_ref, uout_ref = refs, None, None
+def _key_rows(kw_ref, ks_ref, n):
+    """Chunk n's keys, times their per-token scales when given (rounded back to the keys' dtype)."""
+    kw = kw_ref[n]
+    return kw if ks_ref is None else (kw * ks_ref[n]).astype(kw.dtype)
+
+
+def _split_fwd_refs(refs, has_w, has_scale):
+    refs = list(refs)
+    w_ref = refs.pop(0) if has_w else None
+    ks_ref = refs.pop(0) if has_scale else None
+    d_ref, s0_ref, starts_ref, final_ref, *rest = refs
+    return w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, (rest.pop(0) if has_w else None), rest
+
+
+def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, has_scale, precision, reverse):
+    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, _ = _split_fwd_refs(refs, has_w, has_scale)
 
     def body(i, s):
         n = n_chunks - 1 - i if reverse else i
         starts_ref[n] = s.astype(starts_ref.dtype)
-        u, s = _fwd_step(s, kw_ref[n], u_ref[n], None if w_ref is None else w_ref[n], d_ref[n], precision)
+        u, s = _fwd_step(s, _key_rows(kw_ref, ks_ref, n), u_ref[n], None if w_ref is None else w_ref[n],
+                         d_ref[n], precision)
         if uout_ref is not None:
             uout_ref[n] = u.astype(uout_ref.dtype)
         return s
@@ -114,12 +126,9 @@ def _bwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, precision):
 
 
 # ----------------------------------------------------------------------------------------------------- Mosaic
-def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, precision, reverse):
+def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, has_scale, precision, reverse):
     del reverse  # in the index maps
-    if has_w:
-        w_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, s_scr = refs
-    else:
-        (d_ref, s0_ref, starts_ref, final_ref, s_scr), w_ref, uout_ref = refs, None, None
+    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, (s_scr,) = _split_fwd_refs(refs, has_w, has_scale)
     n = pl.program_id(2)
 
     @pl.when(n == 0)
@@ -128,7 +137,8 @@ def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, precision, reverse):
 
     s = s_scr[...]
     starts_ref[...] = s.astype(starts_ref.dtype)
-    u, s = _fwd_step(s, kw_ref[...], u_ref[...], None if w_ref is None else w_ref[...], d_ref[...], precision)
+    u, s = _fwd_step(s, _key_rows(kw_ref, ks_ref, ...), u_ref[...], None if w_ref is None else w_ref[...],
+                     d_ref[...], precision)
     if uout_ref is not None:
         uout_ref[...] = u.astype(uout_ref.dtype)
     s_scr[...] = s
@@ -168,23 +178,35 @@ def _bwd_mosaic(kw_ref, u_ref, *refs, has_w, precision):
 
 
 # ---------------------------------------------------------------------------------------------------- calls
-def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False):
-    """States entering every chunk (in kw's dtype), the final state (float32) and, with w, u (in u's dtype);
-    reverse runs from the last chunk to the first (the backward state pass of an op)."""
-    bh, n, c, k = kw.shape
-    v = u.shape[-1]
+def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False, key_scale=None):
+    """States entering every chunk (in kw's dtype), the final state (float32) and, with w, u (in u's dtype).
+
+    kw, u, w come head-chunked [BH, N, C, ·] or, for Triton, token-major [B, N, C, H, ·] (the op's own [B, T, H, ·]
+    layout reshaped: no transpose); decay [BH, N], s0 [BH, K, V]. key_scale [BH, N, C] multiplies the keys of
+    every token inside the kernel (saving a pass over them); reverse runs from the last chunk to the first (the
+    backward state pass of an op).
+    """
+    heads = kw.shape[3] if kw.ndim == 5 else 1
+    n, c, k, v = kw.shape[1], kw.shape[2], kw.shape[-1], u.shape[-1]
+    bh = kw.shape[0] * heads
     bv = config.block(backend, v)
-    has_w = w is not None
-    kernel_args = dict(has_w=has_w, precision=backend.precision(config.exact), reverse=reverse)
+    has_w, has_scale = w is not None, key_scale is not None
+    kernel_args = {"has_w": has_w, "has_scale": has_scale, "precision": backend.precision(config.exact),
+                   "reverse": reverse}
     out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), kw.dtype), jax.ShapeDtypeStruct((bh, k, v), f32)]
     if has_w:
-        out_shape.append(jax.ShapeDtypeStruct((bh, n, c, v), u.dtype))
-    ins = [kw, u] + ([w] if has_w else [])
+        out_shape.append(jax.ShapeDtypeStruct(u.shape, u.dtype))
+    ins = [kw, u] + [w] * has_w + ([key_scale[..., None].astype(f32)] if has_scale else [])
     if backend.name == "triton":
-        keys = pl.BlockSpec((None, n, c, k), lambda b, j: (b, 0, 0, 0))
-        vals = pl.BlockSpec((None, n, c, bv), lambda b, j: (b, 0, 0, j))
+        def seq(x, width, col=lambda j: 0):
+            if x.ndim == 5:
+                return pl.BlockSpec((None, n, c, None, width), lambda b, j: (b // heads, 0, 0, b % heads, col(j)))
+            return pl.BlockSpec((None, n, c, width), lambda b, j: (b, 0, 0, col(j)))
+
+        keys, vals = seq(kw, k), seq(u, bv, lambda j: j)
         state = pl.BlockSpec((None, k, bv), lambda b, j: (b, 0, j))
-        in_specs = [keys, vals] + [keys] * has_w + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state]
+        in_specs = ([keys, vals] + [keys] * has_w + [seq(ins[-1], 1)] * has_scale
+                    + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state])
         out_specs = [pl.BlockSpec((None, n, k, bv), lambda b, j: (b, 0, 0, j)), state] + [vals] * has_w
         call = backend.call(functools.partial(_fwd_triton, n_chunks=n, **kernel_args), grid=(bh, v // bv),
                             in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -195,7 +217,8 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
     vals = pl.BlockSpec((None, None, c, bv), lambda b, j, i: (b, at(i), 0, j))
     state = pl.BlockSpec((None, k, bv), lambda b, j, i: (b, 0, j))
     scalar = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, at(i), 0, 0))
-    in_specs = [keys, vals] + [keys] * has_w + [scalar, state]
+    column = pl.BlockSpec((None, None, c, 1), lambda b, j, i: (b, at(i), 0, 0))
+    in_specs = [keys, vals] + [keys] * has_w + [column] * has_scale + [scalar, state]
     out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, at(i), 0, j)), state] + [vals] * has_w
     call = backend.call(functools.partial(_fwd_mosaic, **kernel_args), grid=(bh, v // bv, n), in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
@@ -209,7 +232,7 @@ def _backward(backend: Backend, config: ScanConfig, kw, u, w, decay, starts, dst
     bv = config.block(backend, v)
     nv = v // bv
     has_w = w is not None
-    kernel_args = dict(has_w=has_w, precision=backend.precision(config.exact))
+    kernel_args = {"has_w": has_w, "precision": backend.precision(config.exact)}
     ins = [kw, u] + ([w] if has_w else []) + [decay]
     rest = [starts, dstarts, dfinal] + ([du_out] if has_w else [])
     out_shape = [jax.ShapeDtypeStruct((bh, nv, n, c, k), f32), jax.ShapeDtypeStruct((bh, n, c, v), f32),

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
-                                    pallas_prologue, prepare, resolve_impl, to_chunks, to_head_chunks)
-from pallas_kernels._pallas import backend_for, dot
+from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
+                                    from_head_chunks, prepare, resolve_impl, to_chunks, to_head_chunks)
+from pallas_kernels._pallas import backend_for, dot, pad_axis, pow2_at_least
 from pallas_kernels.chunk_output import chunk_output
-from pallas_kernels.chunk_scan import scan
+from pallas_kernels.chunk_scan import ScanConfig, chunk_scan
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -138,17 +138,28 @@ def _chunked(q, k, v, g, beta, state, scale, chunk_size):
 
 
 def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
-    b, t, h, _ = q.shape
-    q, k, v, g, prefix, decay, state = pallas_prologue("gated_delta_rule", q, k, v, g, state, chunk_size)
-    beta = to_head_chunks(beta.astype(jnp.float32), chunk_size)[..., None]
-    gamma = jnp.exp(prefix)
+    """Head-chunked inputs stay in their dtype: the kernels take bf16 operands (tensor-core products, float32
+    accumulation) while the chunk-local algebra runs in float32 in XLA and is rounded once for the kernels, so the
+    gradients of the several uses of k are summed in float32."""
+    b, t, h, dk = q.shape
+    dv = v.shape[-1]
+    check_pallas_chunk("gated_delta_rule", chunk_size)
+    kp, vp = (pow2_at_least(dk), pow2_at_least(dv)) if backend.name == "triton" else (dk, dv)
+    q, k = (pad_axis(to_head_chunks(x, chunk_size), -1, kp) for x in (q, k))
+    v = pad_axis(to_head_chunks(v, chunk_size), -1, vp)
+    g, beta = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (g, beta))
+    s0 = pad_axis(pad_axis(state.astype(jnp.float32).reshape(b * h, dk, dv), -1, vp), -2, kp)
+    prefix, decay = chunk_decay(g)
+    gamma, beta = jnp.exp(prefix), beta[..., None]
+    k32 = k.astype(jnp.float32)
     strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
-    tri = unit_lower_inverse(backend, jnp.where(strict, beta * jnp.einsum("...tk,...sk->...ts", k, k) * decay, 0))
-    w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k)
-    u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v)
-    starts, state, u = scan(backend, decay[..., -1, :, None] * k, u_tilde, w, gamma[..., -1], state)
+    tri = unit_lower_inverse(backend, jnp.where(strict, beta * jnp.einsum("...tk,...sk->...ts", k32, k32) * decay, 0))
+    w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k32).astype(k.dtype)
+    u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v.astype(jnp.float32)).astype(v.dtype)
+    kw = (decay[..., -1, :, None] * k32).astype(k.dtype)
+    starts, final, u = chunk_scan(backend, ScanConfig(), kw, u_tilde, w, gamma[..., -1], s0)
     o = chunk_output(backend, False, q, k, u, starts, prefix, scale)
-    return from_head_chunks(o, b, t), state.reshape(b, h, *state.shape[1:])
+    return from_head_chunks(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
 def gated_delta_rule(
