@@ -6,14 +6,16 @@ prefix G [C] (M[t, s] = e^{G_t − G_s} for s ≤ t, else 0):
     O = scale·(e^G ∘ (Q S) + ((Q Kᵀ) ∘ M) U)
 
 One program per (head, chunk), all chunks at once (no carried state), so the same body serves Triton and Mosaic.
+The ops pair these kernels with the state passes of chunk_scan inside their own custom VJPs.
 Operands stay in the input dtype (bf16 in, tensor-core products with float32 accumulation) unless `exact`, which
 keeps float32 operands with float32-accurate products (GKA's read-out, whose queries are large).
 
 Backward of O, with dA = scale·(dO Uᵀ) ∘ M and A = (Q Kᵀ) ∘ M:
     dQ = dA K + scale·e^G ∘ (dO Sᵀ),  dK = dAᵀ Q,  dU = scale·Aᵀ dO,  dS = scale·(e^G ∘ Q)ᵀ dO,
     dG_t = q_t·dq_t − k_t·dk_t   (every term depends on G through e^{G_t} on a query or e^{−G_s} on a key).
-Given dS' (the cotangent of the state leaving the chunk, S' = e^{G_C} S + (e^{G_C − G} ∘ K)ᵀ U) the same kernel also
-adds the state-update terms, so a whole simple-GLA backward is one reverse state pass plus this kernel:
+Given dS' (the cotangent of the state leaving the chunk, S' = e^{G_C} S + (e^{G_C − G} ∘ K)ᵀ U, from a reverse
+state pass) the backward kernel also adds the state-update terms, so a whole simple-GLA backward is one reverse
+state pass plus this kernel:
     dK += e^{G_C − G} ∘ (U dS'ᵀ),  dU += e^{G_C − G} ∘ (K dS'),  dG_C += Σ_s k_s·(state part of dk_s) + e^{G_C}⟨S, dS'⟩.
 """
 
@@ -53,11 +55,8 @@ def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, pre
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, *refs, scale, precision, has_dnext):
-    if has_dnext:
-        dnext_ref, dq_ref, dk_ref, du_ref, dg_ref = refs
-    else:
-        dq_ref, dk_ref, du_ref, dg_ref, ds_ref = refs
+def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, dq_ref, dk_ref, du_ref, dg_ref,
+                *dw_ref, scale, precision):
     q, k, u, do = q_ref[...], k_ref[...], u_ref[...], do_ref[...].astype(u_ref.dtype)
     op = q.dtype
     gc = gc_ref[...]
@@ -72,19 +71,18 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, *refs, scale
     du = scale * mm(a.astype(op), do, ta=True)
     q32, k32 = q.astype(f32), k.astype(f32)
     dg = jnp.sum(q32 * dq, axis=-1, keepdims=True)
-    if has_dnext:
-        c = gc.shape[0]
-        last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-        g_end = jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)  # G_C as (1, 1)
-        to_end = jnp.exp(g_end - gc)
-        dnext = dnext_ref[...]
-        dk_state = to_end * mm(u, dnext.astype(op), tb=True)
-        du = du + to_end * mm(k, dnext.astype(op))
-        d_end = _total(k32 * dk_state) + jnp.exp(g_end) * _total(s_ref[...].astype(f32) * dnext.astype(f32))
-        dk = dk + dk_state
-        dg = dg + jnp.where(last, d_end, 0)
-    else:
-        ds_ref[...] = (scale * mm((q32 * eg).astype(op), do, ta=True)).astype(ds_ref.dtype)
+    c = gc.shape[0]
+    last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
+    g_end = jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)  # G_C as (1, 1)
+    to_end = jnp.exp(g_end - gc)
+    dnext = dnext_ref[...]
+    dk_state = to_end * mm(u, dnext.astype(op), tb=True)
+    du = du + to_end * mm(k, dnext.astype(op))
+    d_end = _total(k32 * dk_state) + jnp.exp(g_end) * _total(s_ref[...].astype(f32) * dnext.astype(f32))
+    dk = dk + dk_state
+    dg = dg + jnp.where(last, d_end, 0)
+    if dw_ref:  # u = ũ − W S (gated delta rule): dW = −dU Sᵀ
+        dw_ref[0][...] = (-mm(du.astype(op), s, tb=True)).astype(dw_ref[0].dtype)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     du_ref[...] = du.astype(du_ref.dtype)
@@ -125,42 +123,39 @@ def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False
     return call(q, k, u, starts, *_decays(prefix))
 
 
-def output_backward(backend: Backend, q, k, u, starts, prefix, do, scale, exact=False, dnext=None):
-    """(dq, dk, du, dG, dS): cotangents of output_forward's inputs given dO (dS is None when dnext is given).
+def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale, exact=False, with_dw=False):
+    """(dq, dk, du, dG, dW): cotangents of output_forward's inputs and of the state-update terms, given dO and
+    dnext [BH, N, K, V], the cotangent of the state leaving each chunk (see the module docstring).
 
-    dnext [BH, N, K, V], the cotangent of the state leaving each chunk, adds the state-update terms (see the
-    module docstring). dG is float32 [BH, N, C]; the others come in their inputs' dtypes.
+    with_dw also returns dW = −dU Sᵀ for values corrected as u = ũ − W S (else None). dG is float32 [BH, N, C];
+    the others come in their inputs' dtypes.
     """
     keys, vals, state, col, row = _specs(q, u)
-    has_dnext = dnext is not None
-    kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact), has_dnext=has_dnext)
-    like = lambda x, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype)
-    gcol = jax.ShapeDtypeStruct((*prefix.shape, 1), f32)
-    out_shape = [like(q), like(k), like(u), gcol] + ([] if has_dnext else [like(starts, f32)])
-    out_specs = [keys, keys, vals, col] + ([] if has_dnext else [state])
-    ins = [q, k, u, starts, *_decays(prefix), do] + ([dnext] if has_dnext else [])
-    in_specs = [keys, keys, vals, state, col, row, vals] + ([state] if has_dnext else [])
-    outs = backend.call(kernel, grid=_grid(q), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+    kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact))
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
+    outs = backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, state, col, row, vals, state],
+                        out_specs=[keys, keys, vals, col] + [keys] * with_dw, out_shape=out_shape,
                         semantics=("parallel", "parallel"), num_warps=TRITON["bwd"][0],
-                        num_stages=TRITON["bwd"][1], name="chunk_output_bwd")(*ins)
+                        num_stages=TRITON["bwd"][1], name="chunk_output_bwd")(q, k, u, starts, *_decays(prefix), do,
+                                                                              dnext)
     dq, dk, du, dg = outs[:4]
-    return dq, dk, du, dg[..., 0], (None if has_dnext else outs[4])
+    return dq, dk, du, dg[..., 0], (outs[4] if with_dw else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 7))
-def chunk_output(backend: Backend, exact: bool, q, k, u, starts, prefix, scale):
-    """output_forward with its VJP, for ops whose state pass has a VJP of its own (the gated delta rule)."""
-    return output_forward(backend, q, k, u, starts, prefix, scale, exact)
+def _local_values_kernel(q_ref, k_ref, do_ref, gc_ref, gr_ref, du_ref, *, scale, precision):
+    q, k = q_ref[...], k_ref[...]
+    a = dot(q, k, tb=True, precision=precision) * _decay_matrix(gc_ref[...], gr_ref[...])
+    du_ref[...] = (scale * dot(a.astype(q.dtype), do_ref[...].astype(q.dtype), ta=True,
+                               precision=precision)).astype(du_ref.dtype)
 
 
-def _chunk_output_fwd(backend, exact, q, k, u, starts, prefix, scale):
-    return output_forward(backend, q, k, u, starts, prefix, scale, exact), (q, k, u, starts, prefix)
-
-
-def _chunk_output_bwd(backend, exact, scale, res, do):
-    q, k, u, starts, prefix = res
-    dq, dk, du, dg, ds = output_backward(backend, q, k, u, starts, prefix, do, scale, exact)
-    return dq, dk, du, ds.astype(starts.dtype), dg.astype(prefix.dtype)
-
-
-chunk_output.defvjp(_chunk_output_fwd, _chunk_output_bwd)
+def local_values_grad(backend: Backend, q, k, do, prefix, scale, exact=False):
+    """scale·((Q Kᵀ) ∘ M)ᵀ dO per chunk (do's layout and dtype): the cotangent of the values through the
+    outputs of their own chunk, which the gated delta rule's backward state pass needs before it starts."""
+    keys, vals, _, col, row = _specs(q, do)
+    kernel = functools.partial(_local_values_kernel, scale=scale, precision=backend.precision(exact))
+    return backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, col, row], out_specs=vals,
+                        out_shape=jax.ShapeDtypeStruct(do.shape, do.dtype), semantics=("parallel", "parallel"),
+                        num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1],
+                        name="local_values_grad")(q, k, do, *_decays(prefix))

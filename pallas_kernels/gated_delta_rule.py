@@ -16,8 +16,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
                                     from_head_chunks, prepare, resolve_impl, to_chunks, to_head_chunks)
 from pallas_kernels._pallas import backend_for, dot, pad_axis, pow2_at_least
-from pallas_kernels.chunk_output import chunk_output
-from pallas_kernels.chunk_scan import ScanConfig, chunk_scan
+from pallas_kernels.chunk_output import local_values_grad, output_backward, output_forward
+from pallas_kernels.chunk_scan import ScanConfig, delta_reverse_pass, state_pass
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -138,9 +138,9 @@ def _chunked(q, k, v, g, beta, state, scale, chunk_size):
 
 
 def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
-    """Head-chunked inputs stay in their dtype: the kernels take bf16 operands (tensor-core products, float32
-    accumulation) while the chunk-local algebra runs in float32 in XLA and is rounded once for the kernels, so the
-    gradients of the several uses of k are summed in float32."""
+    """Head-chunked inputs stay in their dtype for the kernels (tensor-core products, float32 accumulation); the WY
+    preparation runs in float32 in XLA from float32 views of k and v, so the gradients of k's several uses are
+    rounded once each and summed in float32."""
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     check_pallas_chunk("gated_delta_rule", chunk_size)
@@ -150,16 +150,49 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     g, beta = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (g, beta))
     s0 = pad_axis(pad_axis(state.astype(jnp.float32).reshape(b * h, dk, dv), -1, vp), -2, kp)
     prefix, decay = chunk_decay(g)
-    gamma, beta = jnp.exp(prefix), beta[..., None]
+    beta = beta[..., None]
     k32 = k.astype(jnp.float32)
     strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
     tri = unit_lower_inverse(backend, jnp.where(strict, beta * jnp.einsum("...tk,...sk->...ts", k32, k32) * decay, 0))
-    w = jnp.einsum("...ts,...sk->...tk", tri, beta * gamma[..., None] * k32).astype(k.dtype)
+    w = jnp.einsum("...ts,...sk->...tk", tri, beta * jnp.exp(prefix)[..., None] * k32).astype(k.dtype)
     u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v.astype(jnp.float32)).astype(v.dtype)
-    kw = (decay[..., -1, :, None] * k32).astype(k.dtype)
-    starts, final, u = chunk_scan(backend, ScanConfig(), kw, u_tilde, w, gamma[..., -1], s0)
-    o = chunk_output(backend, False, q, k, u, starts, prefix, scale)
+    o, final = _delta_chunks(backend, ScanConfig(), scale, q, k32.astype(k.dtype), w, u_tilde, g, s0)
     return from_head_chunks(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _delta_chunks(backend, config, scale, q, k, w, u_tilde, g, s0):
+    """Given the WY terms (head-chunked w [BH, N, C, K], ũ [BH, N, C, V]): the state pass with correction keys
+    u = ũ − W S, then every chunk's output. Returns (o, final state)."""
+    return _delta_fwd(backend, config, scale, q, k, w, u_tilde, g, s0)[0]
+
+
+def _delta_fwd(backend, config, scale, q, k, w, u_tilde, g, s0):
+    prefix = jnp.cumsum(g, axis=-1)
+    end = prefix[..., -1:]
+    starts, final, u = state_pass(backend, config, k, u_tilde, w, jnp.exp(end[..., 0]), s0,
+                                  key_scale=jnp.exp(end - prefix))
+    o = output_forward(backend, q, k, u, starts, prefix, scale)
+    return (o, final), (q, k, w, u, g, starts)
+
+
+def _delta_bwd(backend, config, scale, res, cts):
+    # dU needs dS' of its own chunk, and dS needs dU: the reverse pass carries both (delta_reverse_pass), starting
+    # from the chunk-local part of dU; the rest is per chunk: chunk_output's backward with the state terms and
+    # dW = −dU Sᵀ. ũ's cotangent is dU.
+    q, k, w, u, g, starts = res
+    do, dfinal = cts
+    prefix = jnp.cumsum(g, axis=-1)
+    end = prefix[..., -1:]
+    du_local = local_values_grad(backend, q, k, do, prefix, scale)
+    dnext, ds0 = delta_reverse_pass(backend, config, k, jnp.exp(end - prefix), q, scale * jnp.exp(prefix), w, do,
+                                    du_local, jnp.exp(end[..., 0]), dfinal.astype(jnp.float32))
+    dq, dk, du, dprefix, dw = output_backward(backend, q, k, u, starts, prefix, do, dnext, scale, with_dw=True)
+    dg = jax.lax.cumsum(dprefix, axis=g.ndim - 1, reverse=True)
+    return dq, dk, dw, du.astype(u.dtype), dg, ds0
+
+
+_delta_chunks.defvjp(_delta_fwd, _delta_bwd)
 
 
 def gated_delta_rule(

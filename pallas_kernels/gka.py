@@ -228,8 +228,8 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     Chebyshev kernel program per chunk, forward and for the implicit backward solve."""
     b, t, h, dk = q.shape
     q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, None, g, h_kk, chunk_size)
-    h0, h_final, _ = scan(backend, mask_decay[..., -1, :, None] * k, k, None, jnp.exp(prefix[..., -1]), h_kk,
-                          ScanConfig(exact=True))
+    h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
+                       ScanConfig(exact=True))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
     # On a GPU with K ≥ 128 the solve stays in XLA for now: the column-blocked kernel (which fits shared memory on

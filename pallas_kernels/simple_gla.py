@@ -100,7 +100,7 @@ def _gla_bwd(backend, config, scale, res, cts):
     prefix = jnp.cumsum(g, axis=-1)
     dnext, ds0 = state_pass(backend, config, q, do.astype(v.dtype), None, jnp.exp(prefix[..., -1]),
                             dfinal.astype(jnp.float32), reverse=True, key_scale=scale * jnp.exp(prefix))
-    dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, scale, config.exact, dnext)
+    dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, dnext, scale, config.exact)
     return dq, dk, dv, jax.lax.cumsum(dprefix, axis=g.ndim - 1, reverse=True), ds0
 
 

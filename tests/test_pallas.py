@@ -16,7 +16,7 @@ from jax import export
 
 import pallas_kernels
 from pallas_kernels._pallas import Backend
-from pallas_kernels.chunk_scan import ScanConfig, scan
+from pallas_kernels.chunk_scan import ScanConfig, state_pass
 from pallas_kernels.gated_delta_rule import unit_lower_inverse
 from tests.numerics import rel
 
@@ -92,7 +92,8 @@ def test_interpret_gradients_and_bf16(op, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kernel_pieces(variant):
-    """chunk_scan with and without correction keys, and the unit-lower inverse, against plain jnp."""
+    """The state pass with correction keys (and per-token key scales), and the unit-lower inverse, against plain
+    jnp."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(2)
     bh, n, c, k, v = 2, 3, 16, 16, 32
@@ -100,12 +101,14 @@ def test_kernel_pieces(variant):
     u = jnp.asarray(rng.standard_normal((bh, n, c, v)), jnp.float32)
     d = jnp.asarray(rng.uniform(0.5, 1, (bh, n)), jnp.float32)
     s = s0 = jnp.asarray(rng.standard_normal((bh, k, v)), jnp.float32)
-    starts, final, u_out = scan(backend, kw, u, w, d, s0, ScanConfig(block_v=16))
+    key_scale = jnp.asarray(rng.uniform(0.5, 1, (bh, n, c)), jnp.float32)
+    starts, final, u_out = state_pass(backend, ScanConfig(block_v=16), kw, u, w, d, s0, key_scale=key_scale)
     for i in range(n):
         assert rel(starts[:, i], s) <= 1e-6
         ui = u[:, i] - jnp.einsum("bck,bkv->bcv", w[:, i], s, precision="highest")
         assert rel(u_out[:, i], ui) <= 1e-6
-        s = d[:, i, None, None] * s + jnp.einsum("bck,bcv->bkv", kw[:, i], ui, precision="highest")
+        keys = kw[:, i] * key_scale[:, i, :, None]
+        s = d[:, i, None, None] * s + jnp.einsum("bck,bcv->bkv", keys, ui, precision="highest")
     assert rel(final, s) <= 1e-6
     # GKA's solve at K = 128, where the Triton variant works on 64-wide column blocks, against the XLA solve.
     c, k = 16, 128
@@ -138,10 +141,11 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
     text = exported.mlir_module()
     target = "xla.gpu.triton" if variant == "triton" else "tpu_custom_call"
     # Under grad of a sum the forward output kernel is dead code; what remains: simple_gla: the state pass both
-    # ways and chunk_output's backward; gated_delta_rule adds the inverse and uses chunk_scan's own backward;
-    # GKA: both simple_gla passes plus its key statistics' pass and backward, and (Mosaic only: on a GPU at
-    # K = 128 the solve stays in XLA, pallas_kernels.gka._pallas_solve says why) the Chebyshev kernel both ways.
-    want = {"simple_gla": 3, "gated_delta_rule": 4, "gka": 5 if variant == "triton" else 7}[op]
+    # ways and chunk_output's backward; gated_delta_rule: the inverse, the state pass, the chunk-local value
+    # gradient, its reverse pass and chunk_output's backward; GKA: both simple_gla passes plus its key
+    # statistics' pass and backward, and (Mosaic only: on a GPU at K = 128 the solve stays in XLA,
+    # pallas_kernels.gka._pallas_solve says why) the Chebyshev kernel both ways.
+    want = {"simple_gla": 3, "gated_delta_rule": 5, "gka": 5 if variant == "triton" else 7}[op]
     assert text.count(target) == want
 
 
