@@ -204,7 +204,9 @@ def components(b, t, h, d, repeats: int, num_iter: int) -> None:
            jnp.tril(jnp.ones((bh, n, c, c), jnp.float32)), kw)
     f = jnp.full((bh, n, c, 1), 3.0 * d**0.5, jnp.float32)
     for name, solver in ((f"GKA solve, {num_iter} it, Pallas", Solver(num_iter, backend)),
-                         (f"GKA solve, {num_iter} it, XLA", Solver(num_iter))):
+                         (f"GKA solve, {num_iter} it, XLA HIGHEST", Solver(num_iter)),
+                         (f"GKA solve, {num_iter} it, XLA {backend.precision(exact=True)}",
+                          Solver(num_iter, None, backend.precision(exact=True)))):
         solve = jax.jit(lambda *a, solver=solver: solver(_apply_chunk, a[:4], *a[4:]))
         try:
             print(f"| {name} | {median_ms(solve, (*ops, u, 0.02 * f, f), repeats):.3f} | |")

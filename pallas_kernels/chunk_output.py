@@ -57,15 +57,17 @@ def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, pre
 
 def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, dq_ref, dk_ref, du_ref, dg_ref,
                 *dw_ref, scale, precision):
-    q, k, u, do = q_ref[...], k_ref[...], u_ref[...], do_ref[...].astype(u_ref.dtype)
+    # Products in the queries' dtype, except those with u (float32 for the gated delta rule's corrected values).
+    q, k, u = q_ref[...], k_ref[...], u_ref[...]
     op = q.dtype
+    do_u, do = do_ref[...].astype(u.dtype), do_ref[...].astype(op)
     gc = gc_ref[...]
     s = s_ref[...].astype(op)
     mm = functools.partial(dot, precision=precision)
     m = _decay_matrix(gc, gr_ref[...])
     eg = jnp.exp(gc)
     a = mm(q, k, tb=True) * m
-    da = (scale * mm(do, u, tb=True) * m).astype(op)
+    da = (scale * mm(do_u, u, tb=True) * m).astype(op)
     dq = mm(da, k) + scale * eg * mm(do, s, tb=True)
     dk = mm(da, q, ta=True)
     du = scale * mm(a.astype(op), do, ta=True)
@@ -76,7 +78,7 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     g_end = jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)  # G_C as (1, 1)
     to_end = jnp.exp(g_end - gc)
     dnext = dnext_ref[...]
-    dk_state = to_end * mm(u, dnext.astype(op), tb=True)
+    dk_state = to_end * mm(u, dnext.astype(u.dtype), tb=True)
     du = du + to_end * mm(k, dnext.astype(op))
     d_end = _total(k32 * dk_state) + jnp.exp(g_end) * _total(s_ref[...].astype(f32) * dnext.astype(f32))
     dk = dk + dk_state
@@ -112,14 +114,14 @@ def _decays(prefix):
     return prefix[..., :, None].astype(f32), prefix[..., None, :].astype(f32)
 
 
-def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False):
-    """O (u's layout and dtype) from q, k, u (layouts as in _specs), the states entering every chunk
+def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False, out_dtype=None):
+    """O (u's layout; out_dtype, default u's) from q, k, u (layouts as in _specs), the states entering every chunk
     [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
     keys, vals, state, col, row = _specs(q, u)
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
     call = backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
-                        out_shape=jax.ShapeDtypeStruct(u.shape, u.dtype), semantics=("parallel", "parallel"),
-                        num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
+                        out_shape=jax.ShapeDtypeStruct(u.shape, out_dtype or u.dtype),
+                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
     return call(q, k, u, starts, *_decays(prefix))
 
 

@@ -103,7 +103,8 @@ def _inverse_fwd(backend, a):
 
 def _inverse_bwd(backend, inv, d_inv):
     # d(I + a)⁻¹ = −inv·da·inv, so ā = −invᵀ·d_inv·invᵀ, on the strictly lower entries that a contributes.
-    return (jnp.tril(-einsum("...ji,...jk,...lk->...il", inv, d_inv, inv), -1),)
+    # Platform-default matmul precision (TF32 on GPU tensor cores): this is a gradient, not the forward solve.
+    return (jnp.tril(-jnp.einsum("...ji,...jk,...lk->...il", inv, d_inv, inv), -1),)
 
 
 unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
@@ -172,15 +173,16 @@ def _delta_fwd(backend, config, scale, q, k, w, u_tilde, g, s0):
     end = prefix[..., -1:]
     starts, final, u = state_pass(backend, config, k, u_tilde, w, jnp.exp(end[..., 0]), s0,
                                   key_scale=jnp.exp(end - prefix))
-    o = output_forward(backend, q, k, u, starts, prefix, scale)
-    return (o, final), (q, k, w, u, g, starts)
+    o = output_forward(backend, q, k, u, starts, prefix, scale, out_dtype=u_tilde.dtype)
+    # A zero-size array carries ũ's dtype to the backward pass (u itself is float32).
+    return (o, final), (q, k, w, u, g, starts, jnp.zeros((0,), u_tilde.dtype))
 
 
 def _delta_bwd(backend, config, scale, res, cts):
     # dU needs dS' of its own chunk, and dS needs dU: the reverse pass carries both (delta_reverse_pass), starting
     # from the chunk-local part of dU; the rest is per chunk: chunk_output's backward with the state terms and
     # dW = −dU Sᵀ. ũ's cotangent is dU.
-    q, k, w, u, g, starts = res
+    q, k, w, u, g, starts, u_tilde_like = res
     do, dfinal = cts
     prefix = jnp.cumsum(g, axis=-1)
     end = prefix[..., -1:]
@@ -189,7 +191,7 @@ def _delta_bwd(backend, config, scale, res, cts):
                                     du_local, jnp.exp(end[..., 0]), dfinal.astype(jnp.float32))
     dq, dk, du, dprefix, dw = output_backward(backend, q, k, u, starts, prefix, do, dnext, scale, with_dw=True)
     dg = jax.lax.cumsum(dprefix, axis=g.ndim - 1, reverse=True)
-    return dq, dk, dw, du.astype(u.dtype), dg, ds0
+    return dq, dk, dw, du.astype(u_tilde_like.dtype), dg, ds0
 
 
 _delta_chunks.defvjp(_delta_fwd, _delta_bwd)

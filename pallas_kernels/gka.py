@@ -59,14 +59,16 @@ def _chebyshev(apply_h, q, lam, f, num_iter):
 
 @dataclasses.dataclass(frozen=True)
 class Solver:
-    """num_iter Chebyshev iterations, in XLA (backend None) or in the Pallas kernel (chunk operators only)."""
+    """num_iter Chebyshev iterations, in XLA (backend None; its products at `precision`, float32-accurate: HIGHEST,
+    or three TF32 passes on GPU tensor cores) or in the Pallas kernel (chunk operators only)."""
 
     num_iter: int
     backend: Backend | None = None
+    precision: object = jax.lax.Precision.HIGHEST
 
     def __call__(self, apply_h, ops, rhs, lam, f):
         if self.backend is None:
-            return _chebyshev(partial(apply_h, ops), rhs, lam, f, self.num_iter)
+            return _chebyshev(partial(apply_h, ops, precision=self.precision), rhs, lam, f, self.num_iter)
         return _chebyshev_pallas(self.backend, self.num_iter, ops, rhs, lam, f)
 
 
@@ -100,17 +102,18 @@ def _ridge_solve_bwd(apply_h, solver, res, dx):
 _ridge_solve.defvjp(_ridge_solve_fwd, _ridge_solve_bwd)
 
 
-def _apply_dense(h, x):
+def _apply_dense(h, x, precision=jax.lax.Precision.HIGHEST):
     """H x for an explicit state h [..., K, K] and rows x [..., K]."""
-    return einsum("...jk,...k->...j", h, x)
+    return jnp.einsum("...jk,...k->...j", h, x, precision=precision)
 
 
-def _apply_chunk(ops, x):
+def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
     """H_t x_t for every row of a chunk without forming H_t: e^{G_t} H₀x_t + Σ_s M[t,s] (k_s·x_t) k_s."""
     h0, decay, mask_decay, k = ops
-    hx = einsum("...jk,...ck->...cj", h0, x)
-    xk = einsum("...ck,...sk->...cs", x, k) * mask_decay
-    return decay[..., None] * hx + einsum("...cs,...sk->...ck", xk, k)
+    mm = partial(jnp.einsum, precision=precision)
+    hx = mm("...jk,...ck->...cj", h0, x)
+    xk = mm("...ck,...sk->...cs", x, k) * mask_decay
+    return decay[..., None] * hx + mm("...cs,...sk->...ck", xk, k)
 
 
 def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision,
@@ -232,11 +235,11 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
                        ScanConfig(exact=True))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
-    # On a GPU with K ≥ 128 the solve stays in XLA for now: the column-blocked kernel (which fits shared memory on
-    # paper) is checked interpreted and lowered in CI but has not yet run on a GPU; the whole-matrix 3×TF32 kernel
-    # did not fit (256 KB requested, 227 KB on an H100) and plain float32 FMAs ran 22× slower than XLA.
+    # On a GPU with K ≥ 128 the solve stays in XLA (with 3×TF32 tensor-core products): the 3×TF32 Triton kernel
+    # asks for 256 KB of shared memory at K = 128, whole or in 64-wide column blocks (an H100 has 227 KB), and
+    # with plain float32 FMAs it ran 22× slower than XLA.
     on_gpu_wide = backend.name == "triton" and not backend.interpret and dk >= 128
-    solver = Solver(num_iter, None if on_gpu_wide else backend)
+    solver = Solver(num_iter, None, backend.precision(exact=True)) if on_gpu_wide else Solver(num_iter, backend)
     x = _ridge_solve(_apply_chunk, solver, (h0, decay, mask_decay, k), ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
