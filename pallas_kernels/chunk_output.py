@@ -31,7 +31,7 @@ from pallas_kernels._pallas import Backend, dot
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages) per kernel, timed on an H100 (4 or 8 warps, 1 to 3 stages).
-TRITON = {"fwd": (4, 2), "bwd": (8, 2)}
+TRITON = {"fwd": (4, 2), "bwd": (8, 2), "bwd_dw": (4, 2)}
 
 
 def _decay_matrix(gc, gr):
@@ -134,13 +134,13 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale,
     """
     keys, vals, state, col, row = _specs(q, u)
     kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact))
+    warps, stages = TRITON["bwd_dw" if with_dw else "bwd"]
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
     outs = backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, state, col, row, vals, state],
                         out_specs=[keys, keys, vals, col] + [keys] * with_dw, out_shape=out_shape,
-                        semantics=("parallel", "parallel"), num_warps=TRITON["bwd"][0],
-                        num_stages=TRITON["bwd"][1], name="chunk_output_bwd")(q, k, u, starts, *_decays(prefix), do,
-                                                                              dnext)
+                        semantics=("parallel", "parallel"), num_warps=warps, num_stages=stages,
+                        name="chunk_output_bwd")(q, k, u, starts, *_decays(prefix), do, dnext)
     dq, dk, du, dg = outs[:4]
     return dq, dk, du, dg[..., 0], (outs[4] if with_dw else None)
 
