@@ -91,18 +91,13 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     dg_ref[...] = dg - jnp.sum(k32 * dk, axis=-1, keepdims=True)
 
 
-def _specs(q, u):
-    """Per-(head, chunk) blocks of q, k and u, states [BH, N, K, V] and G as column and row; q, k, u either
-    head-chunked [BH, N, C, ·] or token-major [B, N, C, H, ·] (Triton: the op's [B, T, H, ·] reshaped)."""
-    c, dk, dv = q.shape[2], q.shape[-1], u.shape[-1]
-    block = lambda *shape: pl.BlockSpec((None, None, *shape), lambda b, n: (b, n, 0, 0))
-    if q.ndim == 5:
-        heads = q.shape[3]
-        tokens = lambda d: pl.BlockSpec((None, None, c, None, d), lambda b, n: (b // heads, n, 0, b % heads, 0))
-        keys, vals = tokens(dk), tokens(dv)
-    else:
-        keys, vals = block(c, dk), block(c, dv)
-    return keys, vals, block(dk, dv), block(c, 1), block(1, c)
+def _tile(x):
+    """One (head, chunk) block of x: head-chunked [BH, N, C, ·] (also states [BH, N, K, V] and decays) or
+    token-major [B, N, C, H, ·] (Triton: an op's [B, T, H, ·] reshaped, read in place)."""
+    if x.ndim == 5:
+        heads = x.shape[3]
+        return pl.BlockSpec((None, None, x.shape[2], None, x.shape[4]), lambda b, n: (b // heads, n, 0, b % heads, 0))
+    return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, n: (b, n, 0, 0))
 
 
 def _grid(q):
@@ -115,14 +110,15 @@ def _decays(prefix):
 
 
 def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False, out_dtype=None):
-    """O (u's layout; out_dtype, default u's) from q, k, u (layouts as in _specs), the states entering every chunk
-    [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
-    keys, vals, state, col, row = _specs(q, u)
+    """O (q's layout with u's width; out_dtype, default u's) from q, k, u (each in either layout of _tile), the
+    states entering every chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
-    call = backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, state, col, row], out_specs=vals,
-                        out_shape=jax.ShapeDtypeStruct(u.shape, out_dtype or u.dtype),
-                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
-    return call(q, k, u, starts, *_decays(prefix))
+    o = jax.ShapeDtypeStruct((*q.shape[:-1], u.shape[-1]), out_dtype or u.dtype)
+    ins = (q, k, u, starts, *_decays(prefix))
+    call = backend.call(kernel, grid=_grid(q), in_specs=[_tile(x) for x in ins], out_specs=_tile(o), out_shape=o,
+                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1],
+                        name="chunk_output_fwd")
+    return call(*ins)
 
 
 def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale, exact=False, with_dw=False):
@@ -130,17 +126,17 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale,
     dnext [BH, N, K, V], the cotangent of the state leaving each chunk (see the module docstring).
 
     with_dw also returns dW = −dU Sᵀ for values corrected as u = ũ − W S (else None). dG is float32 [BH, N, C];
-    the others come in their inputs' dtypes.
+    the others come in their inputs' layouts and dtypes.
     """
-    keys, vals, state, col, row = _specs(q, u)
     kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact))
     warps, stages = TRITON["bwd_dw" if with_dw else "bwd"]
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
-    outs = backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, state, col, row, vals, state],
-                        out_specs=[keys, keys, vals, col] + [keys] * with_dw, out_shape=out_shape,
+    ins = (q, k, u, starts, *_decays(prefix), do, dnext)
+    outs = backend.call(kernel, grid=_grid(q), in_specs=[_tile(x) for x in ins],
+                        out_specs=[_tile(x) for x in out_shape], out_shape=out_shape,
                         semantics=("parallel", "parallel"), num_warps=warps, num_stages=stages,
-                        name="chunk_output_bwd")(q, k, u, starts, *_decays(prefix), do, dnext)
+                        name="chunk_output_bwd")(*ins)
     dq, dk, du, dg = outs[:4]
     return dq, dk, du, dg[..., 0], (outs[4] if with_dw else None)
 
@@ -153,11 +149,11 @@ def _local_values_kernel(q_ref, k_ref, do_ref, gc_ref, gr_ref, du_ref, *, scale,
 
 
 def local_values_grad(backend: Backend, q, k, do, prefix, scale, exact=False):
-    """scale·((Q Kᵀ) ∘ M)ᵀ dO per chunk (do's layout and dtype): the cotangent of the values through the
-    outputs of their own chunk, which the gated delta rule's backward state pass needs before it starts."""
-    keys, vals, _, col, row = _specs(q, do)
+    """scale·((Q Kᵀ) ∘ M)ᵀ dO per chunk (k's layout, do's width and dtype): the cotangent of the values through
+    the outputs of their own chunk, which the gated delta rule's backward state pass needs before it starts."""
     kernel = functools.partial(_local_values_kernel, scale=scale, precision=backend.precision(exact))
-    return backend.call(kernel, grid=_grid(q), in_specs=[keys, keys, vals, col, row], out_specs=vals,
-                        out_shape=jax.ShapeDtypeStruct(do.shape, do.dtype), semantics=("parallel", "parallel"),
-                        num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1],
-                        name="local_values_grad")(q, k, do, *_decays(prefix))
+    du = jax.ShapeDtypeStruct((*k.shape[:-1], do.shape[-1]), do.dtype)
+    ins = (q, k, do, *_decays(prefix))
+    return backend.call(kernel, grid=_grid(q), in_specs=[_tile(x) for x in ins], out_specs=_tile(du), out_shape=du,
+                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
+                        num_stages=TRITON["fwd"][1], name="local_values_grad")(*ins)

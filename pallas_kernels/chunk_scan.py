@@ -195,8 +195,9 @@ def delta_reverse_pass(backend: Backend, config: ScanConfig, k, key_scale, q, qu
                        dfinal):
     """The gated delta rule's backward state pass (see _delta_reverse_step), from the last chunk to the first.
 
-    Head-chunked k, q, w [BH, N, C, K], do, du_local [BH, N, C, V]; key_scale, query_scale [BH, N, C]; decay
-    [BH, N]; dfinal [BH, K, V]. Returns (dS' of every chunk [BH, N, K, V] in k's dtype, dS of the first chunk).
+    Head-chunked k, w [BH, N, C, K], du_local [BH, N, C, V]; q [·, K] and do [·, V] head-chunked too or, for
+    Triton, token-major [B, N, C, H, ·]; key_scale, query_scale [BH, N, C]; decay [BH, N]; dfinal [BH, K, V].
+    Returns (dS' of every chunk [BH, N, K, V] in k's dtype, dS of the first chunk).
     """
     bh, n, c, dk = k.shape
     v = do.shape[-1]
@@ -205,11 +206,10 @@ def delta_reverse_pass(backend: Backend, config: ScanConfig, k, key_scale, q, qu
     out_shape = [jax.ShapeDtypeStruct((bh, n, dk, v), k.dtype), jax.ShapeDtypeStruct((bh, dk, v), f32)]
     precision = backend.precision(config.exact)
     if backend.name == "triton":
-        whole = lambda width: pl.BlockSpec((None, n, c, width), lambda b, j: (b, 0, 0, 0))
-        vals = pl.BlockSpec((None, n, c, bv), lambda b, j: (b, 0, 0, j))
+        blocks = lambda x: _sequence_spec(x, bv, lambda j: j)
         state = pl.BlockSpec((None, dk, bv), lambda b, j: (b, 0, j))
-        in_specs = [whole(dk), whole(1), whole(dk), whole(1), whole(dk), vals, vals,
-                    pl.BlockSpec((None, n), lambda b, j: (b, 0)), state]
+        in_specs = ([_sequence_spec(x, x.shape[-1]) for x in ins[:5]] + [blocks(do), blocks(du_local)]
+                    + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state])
         out_specs = [pl.BlockSpec((None, n, dk, bv), lambda b, j: (b, 0, 0, j)), state]
         # Three float32 chunk inputs of [C, K] per stage: 3 stages asked for 233 KB of shared memory at K = 128
         # on an H100 (227 KB there); 2 fit.
@@ -234,6 +234,15 @@ def delta_reverse_pass(backend: Backend, config: ScanConfig, k, key_scale, q, qu
 
 
 # ---------------------------------------------------------------------------------------------------- calls
+def _sequence_spec(x, width, col=lambda j: 0):
+    """Triton: one head's whole sequence of chunks, `width` columns from column block col(j), of a head-chunked
+    [BH, N, C, ·] or token-major [B, N, C, H, ·] array; grid (BH, column blocks)."""
+    if x.ndim == 5:
+        n, c, heads = x.shape[1:4]
+        return pl.BlockSpec((None, n, c, None, width), lambda b, j: (b // heads, 0, 0, b % heads, col(j)))
+    return pl.BlockSpec((None, *x.shape[1:3], width), lambda b, j: (b, 0, 0, col(j)))
+
+
 def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False, key_scale=None):
     """States entering every chunk (in kw's dtype), the final state (float32) and, with w, u (float32: it is a
     difference of nearby terms; in bf16 it took the gated delta rule's output error from 3.4e-3 to 6.2e-3).
@@ -255,11 +264,7 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
         out_shape.append(jax.ShapeDtypeStruct(u.shape, f32))
     ins = [kw, u] + [w] * has_w + ([key_scale[..., None].astype(f32)] if has_scale else [])
     if backend.name == "triton":
-        def seq(x, width, col=lambda j: 0):
-            if x.ndim == 5:
-                return pl.BlockSpec((None, n, c, None, width), lambda b, j: (b // heads, 0, 0, b % heads, col(j)))
-            return pl.BlockSpec((None, n, c, width), lambda b, j: (b, 0, 0, col(j)))
-
+        seq = _sequence_spec
         keys, vals = seq(kw, k), seq(u, bv, lambda j: j)
         state = pl.BlockSpec((None, k, bv), lambda b, j: (b, 0, j))
         in_specs = ([keys, vals] + [keys] * has_w + [seq(ins[-1], 1)] * has_scale

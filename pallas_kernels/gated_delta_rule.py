@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
-                                    from_head_chunks, prepare, resolve_impl, to_chunks, to_head_chunks)
+                                    from_head_chunks, from_token_chunks, prepare, resolve_impl, to_chunks,
+                                    to_head_chunks, to_token_chunks)
 from pallas_kernels._pallas import backend_for, dot, pad_axis, pow2_at_least
 from pallas_kernels.chunk_output import local_values_grad, output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, delta_reverse_pass, state_pass
@@ -146,7 +147,11 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     dv = v.shape[-1]
     check_pallas_chunk("gated_delta_rule", chunk_size)
     kp, vp = (pow2_at_least(dk), pow2_at_least(dv)) if backend.name == "triton" else (dk, dv)
-    q, k = (pad_axis(to_head_chunks(x, chunk_size), -1, kp) for x in (q, k))
+    # q and o only meet kernels: on Triton they stay token-major (no transposes); k and v feed XLA's WY work.
+    chunks, unchunk = ((to_token_chunks, from_token_chunks) if backend.name == "triton"
+                       else (to_head_chunks, from_head_chunks))
+    q = pad_axis(chunks(q, chunk_size), -1, kp)
+    k = pad_axis(to_head_chunks(k, chunk_size), -1, kp)
     v = pad_axis(to_head_chunks(v, chunk_size), -1, vp)
     g, beta = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (g, beta))
     s0 = pad_axis(pad_axis(state.astype(jnp.float32).reshape(b * h, dk, dv), -1, vp), -2, kp)
@@ -161,13 +166,13 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     w = jnp.einsum("...ts,...sk->...tk", tri, beta * jnp.exp(prefix)[..., None] * k32).astype(k.dtype)
     u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v.astype(jnp.float32)).astype(v.dtype)
     o, final = _delta_chunks(backend, ScanConfig(), scale, q, k32.astype(k.dtype), w, u_tilde, g, s0)
-    return from_head_chunks(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
+    return unchunk(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _delta_chunks(backend, config, scale, q, k, w, u_tilde, g, s0):
-    """Given the WY terms (head-chunked w [BH, N, C, K], ũ [BH, N, C, V]): the state pass with correction keys
-    u = ũ − W S, then every chunk's output. Returns (o, final state)."""
+    """Given the WY terms (head-chunked w [BH, N, C, K], ũ [BH, N, C, V]; q, and so o, token-major on Triton):
+    the state pass with correction keys u = ũ − W S, then every chunk's output. Returns (o, final state)."""
     return _delta_fwd(backend, config, scale, q, k, w, u_tilde, g, s0)[0]
 
 
