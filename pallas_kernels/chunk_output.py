@@ -11,12 +11,13 @@ Operands stay in the input dtype (bf16 in, tensor-core products with float32 acc
 keeps float32 operands with float32-accurate products (GKA's read-out, whose queries are large).
 
 Backward of O, with dA = scale·(dO Uᵀ) ∘ M and A = (Q Kᵀ) ∘ M:
-    dQ = dA K + scale·e^G ∘ (dO Sᵀ),  dK = dAᵀ Q,  dU = scale·Aᵀ dO,  dS = scale·(e^G ∘ Q)ᵀ dO,
-    dG_t = q_t·dq_t − k_t·dk_t   (every term depends on G through e^{G_t} on a query or e^{−G_s} on a key).
-Given dS' (the cotangent of the state leaving the chunk, S' = e^{G_C} S + (e^{G_C − G} ∘ K)ᵀ U, from a reverse
-state pass) the backward kernel also adds the state-update terms, so a whole simple-GLA backward is one reverse
-state pass plus this kernel:
+    dQ = dA K + scale·e^G ∘ (dO Sᵀ),  dK = dAᵀ Q,  dU = scale·Aᵀ dO,
+    dG_t = q_t·dq_t − k_t·dk_t   (every term depends on G through e^{G_t} on a query or e^{−G_s} on a key),
+and dS = scale·(e^G ∘ Q)ᵀ dO, which the reverse state pass accumulates (it needs it chunk by chunk). Given dS' (the
+cotangent of the state leaving the chunk, S' = e^{G_C} S + (e^{G_C − G} ∘ K)ᵀ U, from that pass) the backward
+kernel also adds the state-update terms, so a whole simple-GLA backward is one reverse state pass plus this kernel:
     dK += e^{G_C − G} ∘ (U dS'ᵀ),  dU += e^{G_C − G} ∘ (K dS'),  dG_C += Σ_s k_s·(state part of dk_s) + e^{G_C}⟨S, dS'⟩.
+local_values_grad is the dU = scale·Aᵀ dO part alone, which the gated delta rule's reverse pass starts from.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._pallas import Backend, dot
 
 f32 = jnp.float32
-# Triton launch settings (warps, pipeline stages) per kernel, timed on an H100 (4 or 8 warps, 1 to 3 stages).
+# Triton launch settings (warps, pipeline stages) per kernel: 4 and 8 warps timed on an H100 (BENCHMARKS.md).
 TRITON = {"fwd": (4, 2), "bwd": (8, 2), "bwd_dw": (4, 2)}
 
 
