@@ -6,6 +6,7 @@ x ≈ q/λ amplifies float32 rounding, as in the chunked form; bf16 inputs: ≤ 
 outputs).
 """
 
+import functools
 import sys
 
 import jax
@@ -16,6 +17,7 @@ from jax import export
 
 import pallas_kernels
 from pallas_kernels._pallas import Backend
+from pallas_kernels.chunk_output import output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, state_pass
 from pallas_kernels.gated_delta_rule import unit_lower_inverse
 from tests.numerics import rel
@@ -123,6 +125,41 @@ def test_kernel_pieces(variant):
     a = jnp.asarray(np.tril(rng.standard_normal((3, 64, 64)) * 0.3, -1), jnp.float32)
     inv = unit_lower_inverse(backend, a)
     assert np.abs(np.asarray(inv) @ (np.eye(64) + np.asarray(a)) - np.eye(64)).max() <= 1e-4 * np.abs(inv).max()
+
+
+@pytest.mark.parametrize("variant,token_major", [("pallas_triton", False), ("pallas_triton", True),
+                                                  ("pallas_mosaic", False)])
+def test_chunk_output_against_its_jnp_vjp(variant, token_major):
+    """chunk_output's forward and backward (with the state-update terms and dW) against jax.vjp of the per-chunk
+    formula; token-major blocks ([B, N, C, H, D], Triton) give the same as head-chunked ones."""
+    backend = Backend(variant[7:], interpret=True)
+    rng = np.random.default_rng(3)
+    b, h, n, c, dk, dv, scale = 1, 2, 3, 16, 16, 32, 0.3
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, u, do = normal(b * h, n, c, dk), normal(b * h, n, c, dk), normal(b * h, n, c, dv), normal(b * h, n, c, dv)
+    s, dnext = normal(b * h, n, dk, dv), normal(b * h, n, dk, dv)
+    prefix = jnp.cumsum(-jnp.abs(normal(b * h, n, c)) * 0.2, axis=-1)
+
+    def chunk(q, k, u, s, prefix):  # outputs and the state leaving the chunk, per chunk, in plain jnp
+        mask = jnp.tril(jnp.ones((c, c), bool))
+        m = jnp.where(mask, jnp.exp(jnp.where(mask, prefix[..., :, None] - prefix[..., None, :], 0)), 0)
+        mm = functools.partial(jnp.einsum, precision="highest")
+        o = scale * (jnp.exp(prefix)[..., None] * mm("...ck,...kv->...cv", q, s)
+                     + mm("...ts,...sv->...tv", mm("...tk,...sk->...ts", q, k) * m, u))
+        to_end = jnp.exp(prefix[..., -1:] - prefix)[..., None]
+        return o, jnp.exp(prefix[..., -1:])[..., None] * s + mm("...ck,...cv->...kv", to_end * k, u)
+
+    (o_ref, _), vjp = jax.vjp(chunk, q, k, u, s, prefix)
+    dq_ref, dk_ref, du_ref, _, dg_ref = vjp((do, dnext))
+    layout = (lambda x: jnp.moveaxis(x.reshape(b, h, *x.shape[1:]), 1, 3)) if token_major else (lambda x: x)
+    back = (lambda x: jnp.moveaxis(x, 3, 1).reshape(b * h, *x.shape[1:3], x.shape[-1])) if token_major else layout
+    o = output_forward(backend, layout(q), layout(k), layout(u), s, prefix, scale)
+    dq, dk, du, dg, dw = output_backward(backend, layout(q), layout(k), layout(u), s, prefix, layout(do), dnext,
+                                         scale, with_dw=True)
+    for got, want in ((o, o_ref), (dq, dq_ref), (dk, dk_ref), (du, du_ref)):
+        assert rel(back(got), want) <= 1e-5
+    assert rel(dg, dg_ref) <= 1e-5
+    assert rel(back(dw), -jnp.einsum("...cv,...kv->...ck", du_ref, s, precision="highest")) <= 1e-5
 
 
 @pytest.mark.parametrize("variant,platform", [("triton", "cuda"), ("mosaic", "tpu")])
