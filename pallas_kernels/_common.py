@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._pallas import backend_for
+from pallas_kernels._pallas import backend_for, pad_axis
 
 IMPLS = ("reference", "chunked", "pallas", "pallas_triton", "pallas_mosaic", "auto")
 
@@ -141,9 +141,29 @@ def from_token_chunks(x, b: int, t: int):
     return x.reshape(b, -1, *x.shape[3:])[:, :t]
 
 
+def kernel_chunking(backend):
+    """(chunk, unchunk) for inputs that only meet kernels: token-major [B, N, C, H, ·] on Triton (a reshape: its
+    blocks read [B, T, H, D] in place), head-chunked [BH, N, C, ·] on Mosaic (its tiles need whole trailing dims)."""
+    if backend.name == "triton":
+        return to_token_chunks, from_token_chunks
+    return to_head_chunks, from_head_chunks
+
+
+def kernel_state(backend, state):
+    """[B, H, K, V] → float32 [BH, K', V'], zero-padded to the backend's kernel widths."""
+    b, h, dk, dv = state.shape
+    state = state.astype(jnp.float32).reshape(b * h, dk, dv)
+    return pad_axis(pad_axis(state, -1, backend.width(dv)), -2, backend.width(dk))
+
+
+def from_kernel_state(state, shape):
+    """kernel_state's inverse: cut the padding and restore [B, H, K, V] = shape."""
+    return state[:, :shape[2], :shape[3]].reshape(shape)
+
+
 def pallas_prologue(op: str, q, k, v, g, state, chunk_size: int):
-    """The Pallas paths' common start: head-chunked float32 q, k, v (None stays None), log decays with their
-    in-chunk prefix and decay matrix, and the state in float32.
+    """GKA's Pallas solve's start: head-chunked float32 q, k, v (None stays None), log decays with their in-chunk
+    prefix and decay matrix, and the state in float32.
 
     Upcasting bf16 inputs here (not only accumulating in float32) matters for the backward pass: each path's
     gradient contribution would otherwise be rounded to bf16 before they are summed, and they partly cancel

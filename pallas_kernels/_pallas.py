@@ -35,6 +35,11 @@ class Backend:
             return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         return jax.lax.Precision.HIGHEST
 
+    def width(self, n: int) -> int:
+        """A kernel's size for a feature dimension of n: Triton blocks want powers of two ≥ 16 (zero-padded; zero
+        columns stay zero), Mosaic takes n as it is."""
+        return pow2_at_least(n) if self.name == "triton" else n
+
     def call(self, kernel, *, grid, in_specs, out_specs, out_shape, scratch_shapes=(), semantics=None,
              num_warps=4, num_stages=1, name=None):
         """pallas_call with this backend's compiler parameters and interpret mode."""

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._pallas import Backend, dot, pad_axis, pow2_at_least
+from pallas_kernels._pallas import Backend, dot, pad_axis
 
 f32 = jnp.float32
 
@@ -110,46 +110,48 @@ def _bwd_triton(kw_ref, u_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, dkw_r
 
 
 # ----------------------------------------------------------------------------------------------------- Mosaic
-def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, has_scale, precision, reverse):
-    del reverse  # in the index maps
-    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, (s_scr,) = _split_fwd_refs(refs, has_w, has_scale)
-    n = pl.program_id(2)
-
-    @pl.when(n == 0)
-    def _():
-        s_scr[...] = s0_ref[...].astype(f32)
-
-    s = s_scr[...]
-    starts_ref[...] = s.astype(starts_ref.dtype)
-    u, s = _fwd_step(s, _key_rows(kw_ref, ks_ref, ...), u_ref[...], None if w_ref is None else w_ref[...],
-                     d_ref[...], precision)
-    if uout_ref is not None:
-        uout_ref[...] = u.astype(uout_ref.dtype)
-    s_scr[...] = s
-
-    @pl.when(n == pl.num_programs(2) - 1)
-    def _():
-        final_ref[...] = s
-
-
-def _bwd_mosaic(kw_ref, u_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, dkw_ref, du_ref, dd_ref, ds0_ref, ds_scr,
-                *, precision):
+def _carry_mosaic(scr, init_ref, final_ref, step):
+    """Mosaic: carry a float32 state in VMEM scratch across the "arbitrary" chunk axis (grid axis 2): start from
+    init_ref at the first chunk, replace it by step(state) at every chunk, write final_ref after the last."""
     i = pl.program_id(2)
 
     @pl.when(i == 0)
     def _():
-        ds_scr[...] = dfinal_ref[...].astype(f32)
+        scr[...] = init_ref[...].astype(f32)
 
-    du, dkw, dd, ds = _bwd_step(ds_scr[...], starts_ref[...].astype(f32), kw_ref[...].astype(f32),
-                                u_ref[...].astype(f32), d_ref[...], dstarts_ref[...].astype(f32), precision)
-    du_ref[...] = du.astype(du_ref.dtype)
-    dkw_ref[...] = dkw
-    dd_ref[...] = dd
-    ds_scr[...] = ds
+    scr[...] = step(scr[...])
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _():
-        ds0_ref[...] = ds
+        final_ref[...] = scr[...]
+
+
+def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, has_scale, precision, reverse):
+    del reverse  # in the index maps
+    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, (s_scr,) = _split_fwd_refs(refs, has_w, has_scale)
+
+    def step(s):
+        starts_ref[...] = s.astype(starts_ref.dtype)
+        u, s = _fwd_step(s, _key_rows(kw_ref, ks_ref, ...), u_ref[...], None if w_ref is None else w_ref[...],
+                         d_ref[...], precision)
+        if uout_ref is not None:
+            uout_ref[...] = u.astype(uout_ref.dtype)
+        return s
+
+    _carry_mosaic(s_scr, s0_ref, final_ref, step)
+
+
+def _bwd_mosaic(kw_ref, u_ref, d_ref, starts_ref, dstarts_ref, dfinal_ref, dkw_ref, du_ref, dd_ref, ds0_ref, ds_scr,
+                *, precision):
+    def step(ds):
+        du, dkw, dd, ds = _bwd_step(ds, starts_ref[...].astype(f32), kw_ref[...].astype(f32),
+                                    u_ref[...].astype(f32), d_ref[...], dstarts_ref[...].astype(f32), precision)
+        du_ref[...] = du.astype(du_ref.dtype)
+        dkw_ref[...] = dkw
+        dd_ref[...] = dd
+        return ds
+
+    _carry_mosaic(ds_scr, dfinal_ref, ds0_ref, step)
 
 
 # ------------------------------------------------------------------- reverse pass of the gated delta rule
@@ -175,20 +177,12 @@ def _delta_reverse_triton(k_ref, ks_ref, q_ref, qs_ref, w_ref, do_ref, dul_ref, 
 
 def _delta_reverse_mosaic(k_ref, ks_ref, q_ref, qs_ref, w_ref, do_ref, dul_ref, d_ref, dfinal_ref, dnext_ref,
                           ds0_ref, ds_scr, *, precision):
-    i = pl.program_id(2)
+    def step(ds):
+        dnext_ref[...] = ds.astype(dnext_ref.dtype)
+        return _delta_reverse_step(ds, k_ref[...], ks_ref[...], q_ref[...], qs_ref[...], w_ref[...], do_ref[...],
+                                   dul_ref[...], d_ref[...], precision)
 
-    @pl.when(i == 0)
-    def _():
-        ds_scr[...] = dfinal_ref[...].astype(f32)
-
-    ds = ds_scr[...]
-    dnext_ref[...] = ds.astype(dnext_ref.dtype)
-    ds_scr[...] = _delta_reverse_step(ds, k_ref[...], ks_ref[...], q_ref[...], qs_ref[...], w_ref[...], do_ref[...],
-                                      dul_ref[...], d_ref[...], precision)
-
-    @pl.when(i == pl.num_programs(2) - 1)
-    def _():
-        ds0_ref[...] = ds_scr[...]
+    _carry_mosaic(ds_scr, dfinal_ref, ds0_ref, step)
 
 
 def delta_reverse_pass(backend: Backend, config: ScanConfig, k, key_scale, q, query_scale, w, do, du_local, decay,
@@ -355,7 +349,7 @@ def scan(backend: Backend, kw, u, decay, s0, config: ScanConfig = ScanConfig()):
     """chunk_scan on any K and V: the Triton variant zero-pads them to powers of two (zero rows and columns of
     the state stay zero) and the results are cut back."""
     k, v = kw.shape[-1], u.shape[-1]
-    kp, vp = (pow2_at_least(k), pow2_at_least(v)) if backend.name == "triton" else (k, v)
+    kp, vp = backend.width(k), backend.width(v)
     if (kp, vp) == (k, v):
         return chunk_scan(backend, config, kw, u, decay, s0)
     kw, u = pad_axis(kw, -1, kp), pad_axis(u, -1, vp)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
-                                    from_head_chunks, from_token_chunks, prepare, resolve_impl, to_chunks,
-                                    to_head_chunks, to_token_chunks)
-from pallas_kernels._pallas import backend_for, dot, pad_axis, pow2_at_least
+                                    from_kernel_state, kernel_chunking, kernel_state, prepare, resolve_impl,
+                                    to_chunks, to_head_chunks)
+from pallas_kernels._pallas import backend_for, dot, pad_axis
 from pallas_kernels.chunk_output import local_values_grad, output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, delta_reverse_pass, state_pass
 
@@ -143,18 +143,14 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     """Head-chunked inputs stay in their dtype for the kernels (tensor-core products, float32 accumulation); the WY
     preparation runs in float32 in XLA from float32 views of k and v, so the gradients of k's several uses are
     rounded once each and summed in float32."""
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    b, t = q.shape[:2]
     check_pallas_chunk("gated_delta_rule", chunk_size)
-    kp, vp = (pow2_at_least(dk), pow2_at_least(dv)) if backend.name == "triton" else (dk, dv)
-    # q and o only meet kernels: on Triton they stay token-major (no transposes); k and v feed XLA's WY work.
-    chunks, unchunk = ((to_token_chunks, from_token_chunks) if backend.name == "triton"
-                       else (to_head_chunks, from_head_chunks))
-    q = pad_axis(chunks(q, chunk_size), -1, kp)
-    k = pad_axis(to_head_chunks(k, chunk_size), -1, kp)
-    v = pad_axis(to_head_chunks(v, chunk_size), -1, vp)
+    # q and o only meet kernels (kernel_chunking: no transposes on Triton); k and v feed XLA's WY work.
+    chunks, unchunk = kernel_chunking(backend)
+    q = pad_axis(chunks(q, chunk_size), -1, backend.width(q.shape[-1]))
+    k = pad_axis(to_head_chunks(k, chunk_size), -1, backend.width(k.shape[-1]))
+    v_chunks = pad_axis(to_head_chunks(v, chunk_size), -1, backend.width(v.shape[-1]))
     g, beta = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (g, beta))
-    s0 = pad_axis(pad_axis(state.astype(jnp.float32).reshape(b * h, dk, dv), -1, vp), -2, kp)
     # In-chunk decays from prefix differences (as the kernels do), not chunk_decay's segment sums, whose cumsum
     # over [C, C] both ways made the whole op's fwd+bwd 25.7 instead of 20.2 ms at T = 32768 on an H100.
     prefix = jnp.cumsum(g, axis=-1)
@@ -164,43 +160,42 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     k32 = k.astype(jnp.float32)
     tri = unit_lower_inverse(backend, beta * jnp.einsum("...tk,...sk->...ts", k32, k32) * decay)
     w = jnp.einsum("...ts,...sk->...tk", tri, beta * jnp.exp(prefix)[..., None] * k32).astype(k.dtype)
-    u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v.astype(jnp.float32)).astype(v.dtype)
-    o, final = _delta_chunks(backend, ScanConfig(), scale, q, k32.astype(k.dtype), w, u_tilde, g, s0)
-    return unchunk(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
+    u_tilde = jnp.einsum("...ts,...sv->...tv", tri, beta * v_chunks.astype(jnp.float32)).astype(v.dtype)
+    o, final = _delta_chunks(backend, ScanConfig(), scale, q, k32.astype(k.dtype), w, u_tilde, prefix,
+                             kernel_state(backend, state))
+    return unchunk(o[..., :v.shape[-1]], b, t), from_kernel_state(final, state.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _delta_chunks(backend, config, scale, q, k, w, u_tilde, g, s0):
-    """Given the WY terms (head-chunked w [BH, N, C, K], ũ [BH, N, C, V]; q, and so o, token-major on Triton):
-    the state pass with correction keys u = ũ − W S, then every chunk's output. Returns (o, final state)."""
-    return _delta_fwd(backend, config, scale, q, k, w, u_tilde, g, s0)[0]
+def _delta_chunks(backend, config, scale, q, k, w, u_tilde, prefix, s0):
+    """Given the WY terms (head-chunked w [BH, N, C, K], ũ [BH, N, C, V]; q, and so o, token-major on Triton) and
+    the in-chunk log-decay prefix [BH, N, C]: the state pass with correction keys u = ũ − W S, then every chunk's
+    output. Returns (o, final state)."""
+    return _delta_fwd(backend, config, scale, q, k, w, u_tilde, prefix, s0)[0]
 
 
-def _delta_fwd(backend, config, scale, q, k, w, u_tilde, g, s0):
-    prefix = jnp.cumsum(g, axis=-1)
+def _delta_fwd(backend, config, scale, q, k, w, u_tilde, prefix, s0):
     end = prefix[..., -1:]
     starts, final, u = state_pass(backend, config, k, u_tilde, w, jnp.exp(end[..., 0]), s0,
                                   key_scale=jnp.exp(end - prefix))
     o = output_forward(backend, q, k, u, starts, prefix, scale, out_dtype=u_tilde.dtype)
     # The backward reads u in ũ's dtype (for bf16 ũ: 3.7 instead of 6.1 ms for chunk_output's backward at
     # T = 32768 on an H100; gradients only, their error stays within budget).
-    return (o, final), (q, k, w, u.astype(u_tilde.dtype), g, starts)
+    return (o, final), (q, k, w, u.astype(u_tilde.dtype), prefix, starts)
 
 
 def _delta_bwd(backend, config, scale, res, cts):
     # dU needs dS' of its own chunk, and dS needs dU: the reverse pass carries both (delta_reverse_pass), starting
     # from the chunk-local part of dU; the rest is per chunk: chunk_output's backward with the state terms and
     # dW = −dU Sᵀ. ũ's cotangent is dU.
-    q, k, w, u, g, starts = res
+    q, k, w, u, prefix, starts = res
     do, dfinal = cts
-    prefix = jnp.cumsum(g, axis=-1)
     end = prefix[..., -1:]
     du_local = local_values_grad(backend, q, k, do, prefix, scale)
     dnext, ds0 = delta_reverse_pass(backend, config, k, jnp.exp(end - prefix), q, scale * jnp.exp(prefix), w, do,
                                     du_local, jnp.exp(end[..., 0]), dfinal.astype(jnp.float32))
     dq, dk, du, dprefix, dw = output_backward(backend, q, k, u, starts, prefix, do, dnext, scale, with_dw=True)
-    dg = jax.lax.cumsum(dprefix, axis=g.ndim - 1, reverse=True)
-    return dq, dk, dw, du, dg, ds0
+    return dq, dk, dw, du, dprefix, ds0
 
 
 _delta_chunks.defvjp(_delta_fwd, _delta_bwd)

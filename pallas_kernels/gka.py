@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
                                     pallas_prologue, resolve_impl, to_chunks)
-from pallas_kernels._pallas import Backend, backend_for, dot, pad_axis, pow2_at_least
+from pallas_kernels._pallas import Backend, backend_for, dot, pad_axis
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
@@ -39,10 +39,7 @@ def _safe_sqrt(x):
 
 
 def _chebyshev(apply_h, q, lam, f, num_iter):
-    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0.
-
-    q (and x) may be a pytree of column blocks (the Pallas kernel's layout); λ and f broadcast against each leaf.
-    """
+    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0."""
     den = 2 * lam + f
     gamma = jnp.where(den > 0, 2 / jnp.where(den > 0, den, 1), 0)
     c = (f * gamma / 4) ** 2  # (ρ/2)², ρ = f / (2λ + f)
@@ -50,10 +47,10 @@ def _chebyshev(apply_h, q, lam, f, num_iter):
     def body(_, carry):
         x_prev, x, omega = carry
         omega = 1 / (1 - c * omega)
-        step = lambda xp, xi, hx, qi: omega * (xi - gamma * (hx + lam * xi - qi)) + (1 - omega) * xp
-        return x, jax.tree.map(step, x_prev, x, apply_h(x), q), omega
+        x_new = omega * (x - gamma * (apply_h(x) + lam * x - q)) + (1 - omega) * x_prev
+        return x, x_new, omega
 
-    init = (jax.tree.map(jnp.zeros_like, q), jax.tree.map(lambda qi: gamma * qi, q), jnp.full_like(c, 2))
+    init = (jnp.zeros_like(q), gamma * q, jnp.full_like(c, 2))
     return jax.lax.fori_loop(0, num_iter, body, init)[1]
 
 
@@ -116,30 +113,16 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
     return decay[..., None] * hx + mm("...cs,...sk->...ck", xk, k)
 
 
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision,
-                      block):
-    """One chunk's Chebyshev solve, all iterations in one program.
-
-    x is kept as column blocks of `block`, and H₀ and the keys are read block by block inside every iteration:
-    on a GPU, float32-accurate (3×TF32) products stage hi/lo copies of their operands in shared memory, and a
-    whole 128×128 H₀ with the keys does not fit (256 KB requested on an H100, which has 227 KB); 64-wide blocks
-    do, and the re-reads hit L2.
-    """
-    nb = k_ref.shape[-1] // block
-    part = lambda j: pl.ds(j * block, block)
-    decay, mask = decay_ref[...], mask_ref[...]
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
+    """One chunk's Chebyshev solve with everything on chip for all iterations."""
+    h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
+    k = k_ref[...].astype(jnp.float32)
     mm = partial(dot, precision=precision)
 
-    def apply_h(xs):
-        keys = [k_ref[:, part(j)].astype(jnp.float32) for j in range(nb)]
-        xk = sum(mm(xs[j], keys[j], tb=True) for j in range(nb)) * mask
-        return [decay * sum(mm(xs[j], h0_ref[part(j), part(i)]) for j in range(nb)) + mm(xk, keys[i])
-                for i in range(nb)]
+    def apply_h(x):
+        return decay * mm(x, h0) + mm(mm(x, k, tb=True) * mask, k)
 
-    rhs = [rhs_ref[:, part(j)].astype(jnp.float32) for j in range(nb)]
-    xs = _chebyshev(apply_h, rhs, lam_ref[...], f_ref[...], num_iter)
-    for j in range(nb):
-        x_ref[:, part(j)] = xs[j]
+    x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
 
 
 def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
@@ -147,15 +130,14 @@ def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
     h0, decay, mask, k = ops
     lead, (c, dk) = rhs.shape[:-2], rhs.shape[-2:]
-    kp = pow2_at_least(dk) if backend.name == "triton" else dk
+    kp = backend.width(dk)
     flat = lambda x, *tail: x.reshape(-1, *tail)
     h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
     k, x = (pad_axis(flat(a, c, dk), -1, kp) for a in (k, rhs))
     column = lambda a: flat(a, c, 1).astype(jnp.float32)
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    block = min(kp, 64) if backend.name == "triton" else kp  # Mosaic: one block (128-wide lanes)
-    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(exact=True), block=block)
+    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(exact=True))
     x = backend.call(kernel, grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -236,8 +218,8 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
     # On a GPU with K ≥ 128 the solve stays in XLA (with 3×TF32 tensor-core products): the 3×TF32 Triton kernel
-    # asks for 256 KB of shared memory at K = 128, whole or in 64-wide column blocks (an H100 has 227 KB), and
-    # with plain float32 FMAs it ran 22× slower than XLA.
+    # asks for 256 KB of shared memory at K = 128 (an H100 has 227 KB; 64-wide column blocks asked for as much),
+    # and with plain float32 FMAs it ran 22× slower than XLA.
     on_gpu_wide = backend.name == "triton" and not backend.interpret and dk >= 128
     solver = Solver(num_iter, None, backend.precision(exact=True)) if on_gpu_wide else Solver(num_iter, backend)
     x = _ridge_solve(_apply_chunk, solver, (h0, decay, mask_decay, k), ridge_strength * f, f, q)

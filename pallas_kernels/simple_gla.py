@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
-                                    from_head_chunks, from_token_chunks, prepare, resolve_impl, to_chunks,
-                                    to_head_chunks, to_token_chunks)
-from pallas_kernels._pallas import backend_for, pad_axis, pow2_at_least
+                                    from_kernel_state, kernel_chunking, kernel_state, prepare, resolve_impl,
+                                    to_chunks, to_head_chunks)
+from pallas_kernels._pallas import backend_for, pad_axis
 from pallas_kernels.chunk_output import output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, state_pass
 
@@ -59,49 +59,44 @@ def _chunked(q, k, v, g, state, scale, chunk_size):
 
 
 def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False):
-    """The Pallas path on [B, T, H, ·] inputs, kept in their dtype: token-major chunks for Triton (a reshape),
-    head-chunked for Mosaic (its tiles need whole trailing dimensions); K and V padded to powers of two for Triton
-    (zero columns stay zero). exact: float32-accurate matmuls (GKA's read-out, whose queries are large)."""
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    """The Pallas path on [B, T, H, ·] inputs, kept in their dtype and chunked as kernel_chunking says, feature
+    dimensions at the backend's kernel widths. exact: float32-accurate matmuls (GKA's read-out, whose queries are
+    large)."""
+    b, t = q.shape[:2]
     check_pallas_chunk("simple_gla", chunk_size)
-    kp, vp = (pow2_at_least(dk), pow2_at_least(dv)) if backend.name == "triton" else (dk, dv)
-    chunks, unchunk = ((to_token_chunks, from_token_chunks) if backend.name == "triton"
-                       else (to_head_chunks, from_head_chunks))
-    q, k = (pad_axis(chunks(x, chunk_size), -1, kp) for x in (q, k))
-    v = pad_axis(chunks(v, chunk_size), -1, vp)
-    g = to_head_chunks(g.astype(jnp.float32), chunk_size)
-    s0 = pad_axis(pad_axis(state.astype(jnp.float32).reshape(b * h, dk, dv), -1, vp), -2, kp)
-    o, final = _gla_chunks(backend, ScanConfig(exact=exact), scale, q, k, v, g, s0)
-    return unchunk(o[..., :dv], b, t), final[:, :dk, :dv].reshape(b, h, dk, dv)
+    chunks, unchunk = kernel_chunking(backend)
+    q, k = (pad_axis(chunks(x, chunk_size), -1, backend.width(x.shape[-1])) for x in (q, k))
+    v_chunks = pad_axis(chunks(v, chunk_size), -1, backend.width(v.shape[-1]))
+    prefix = jnp.cumsum(to_head_chunks(g.astype(jnp.float32), chunk_size), axis=-1)
+    o, final = _gla_chunks(backend, ScanConfig(exact=exact), scale, q, k, v_chunks, prefix,
+                           kernel_state(backend, state))
+    return unchunk(o[..., :v.shape[-1]], b, t), from_kernel_state(final, state.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _gla_chunks(backend, config, scale, q, k, v, g, s0):
-    """Simple GLA on chunked q, k, v (layouts as in chunk_output), log decays g [BH, N, C] and s0 [BH, K, V]:
-    the chunk_scan state pass, then every chunk's output in one chunk_output kernel. Returns (o, final state)."""
-    return _gla_fwd(backend, config, scale, q, k, v, g, s0)[0]
+def _gla_chunks(backend, config, scale, q, k, v, prefix, s0):
+    """Simple GLA on chunked q, k, v (layouts as in chunk_output), the in-chunk log-decay prefix [BH, N, C] and
+    s0 [BH, K, V]: the chunk_scan state pass, then every chunk's output in one chunk_output kernel.
+    Returns (o, final state)."""
+    return _gla_fwd(backend, config, scale, q, k, v, prefix, s0)[0]
 
 
-def _gla_fwd(backend, config, scale, q, k, v, g, s0):
-    prefix = jnp.cumsum(g, axis=-1)
+def _gla_fwd(backend, config, scale, q, k, v, prefix, s0):
     end = prefix[..., -1:]
     starts, final = state_pass(backend, config, k, v, None, jnp.exp(end[..., 0]), s0, key_scale=jnp.exp(end - prefix))
     o = output_forward(backend, q, k, v, starts, prefix, scale, config.exact)
-    return (o, final), (q, k, v, g, starts)
+    return (o, final), (q, k, v, prefix, starts)
 
 
 def _gla_bwd(backend, config, scale, res, cts):
     # The state's cotangent runs backwards from the last chunk (dS_n = e^{G_C} dS_{n+1} + scale·(e^G ∘ Q)ᵀ dO);
-    # the per-chunk gradients, state-update terms included, then come from one parallel kernel. dG → dg is the
-    # reverse in-chunk cumsum (G_t = Σ_{j≤t} g_j).
-    q, k, v, g, starts = res
+    # the per-chunk gradients, state-update terms included, then come from one parallel kernel.
+    q, k, v, prefix, starts = res
     do, dfinal = cts
-    prefix = jnp.cumsum(g, axis=-1)
     dnext, ds0 = state_pass(backend, config, q, do.astype(v.dtype), None, jnp.exp(prefix[..., -1]),
                             dfinal.astype(jnp.float32), reverse=True, key_scale=scale * jnp.exp(prefix))
     dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, dnext, scale, config.exact)
-    return dq, dk, dv, jax.lax.cumsum(dprefix, axis=g.ndim - 1, reverse=True), ds0
+    return dq, dk, dv, dprefix, ds0
 
 
 _gla_chunks.defvjp(_gla_fwd, _gla_bwd)

@@ -112,7 +112,7 @@ def test_kernel_pieces(variant):
         keys = kw[:, i] * key_scale[:, i, :, None]
         s = d[:, i, None, None] * s + jnp.einsum("bck,bcv->bkv", keys, ui, precision="highest")
     assert rel(final, s) <= 1e-6
-    # GKA's solve at K = 128, where the Triton variant works on 64-wide column blocks, against the XLA solve.
+    # GKA's solve kernel at K = 128 against the XLA solve.
     c, k = 16, 128
     keys = jnp.asarray(rng.standard_normal((2, c, k)) / np.sqrt(k), jnp.float32)
     past = jnp.asarray(rng.standard_normal((2, 3 * k, k)) / np.sqrt(k), jnp.float32)
