@@ -169,13 +169,45 @@ def ssd_through_simple_gla(x, dt, a, bm, cm, impl="pallas"):
     return simple_gla(q, k, (dt[..., None] * x).astype(x.dtype), dt * a, scale=1.0, chunk_size=64, impl=impl)[0]
 
 
+def _wy_pallas(backend, k, v, beta, prefix):
+    """wy_forward with wy_backward as its VJP (the op wraps them in a larger custom VJP)."""
+    from pallas_kernels.wy import wy_backward, wy_forward
+
+    @jax.custom_vjp
+    def prep(k, v, beta, prefix):
+        return tuple(wy_forward(backend, k, v, beta, prefix)[:2])
+
+    def fwd(k, v, beta, prefix):
+        w, u, t = wy_forward(backend, k, v, beta, prefix)
+        return (w, u), (k, v, beta, prefix, t)
+
+    def bwd(res, cts):
+        k, v, beta, prefix, t = res
+        return wy_backward(backend, k, v, beta, prefix, t, *cts, jnp.zeros_like(k))
+
+    prep.defvjp(fwd, bwd)
+    return prep(k, v, beta, prefix)
+
+
+def _wy_xla(k, v, beta, prefix):
+    """The WY preparation in float32 XLA (the gated delta rule's Pallas path before wy_forward)."""
+    from pallas_kernels.gated_delta_rule import unit_lower_inverse
+
+    c = beta.shape[-1]
+    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
+    decay = jnp.exp(jnp.where(strict, prefix[..., :, None] - prefix[..., None, :], -jnp.inf))
+    k32, beta = k.astype(jnp.float32), beta[..., None]
+    tri = unit_lower_inverse(beta * jnp.einsum("...tk,...sk->...ts", k32, k32) * decay)
+    w = jnp.einsum("...ts,...sk->...tk", tri, beta * jnp.exp(prefix)[..., None] * k32)
+    return w.astype(k.dtype), jnp.einsum("...ts,...sv->...tv", tri, beta * v.astype(jnp.float32)).astype(v.dtype)
+
+
 def components(b, t, h, d, repeats: int, num_iter: int) -> None:
     """Time the kernels alone at one shape: chunk_scan with its backward (as GKA feeds it, float32), the state
-    pass in float32 and bf16 with and without correction keys, the unit-lower inverse (Pallas vs XLA) and GKA's
-    solve (Pallas kernel vs XLA)."""
+    pass in float32 and bf16 with and without correction keys, the gated delta rule's WY preparation (Pallas vs
+    float32 XLA, as the previous version ran it) and GKA's solve (Pallas kernel vs XLA)."""
     from pallas_kernels._pallas import backend_for
     from pallas_kernels.chunk_scan import ScanConfig, scan, state_pass
-    from pallas_kernels.gated_delta_rule import unit_lower_inverse
     from pallas_kernels.gka import Solver, _apply_chunk
 
     backend, c = backend_for(), 64
@@ -195,10 +227,14 @@ def components(b, t, h, d, repeats: int, num_iter: int) -> None:
         for corr, label in ((None, ""), (w_, " with correction keys (GDN)")):
             fwd = jax.jit(lambda *a: state_pass(backend, ScanConfig(), *a))
             print(f"| state_pass{label}, {name} | {median_ms(fwd, (kw_, u_, corr, decay, s0), repeats):.3f} | |")
-    a = jnp.tril(normal(bh, n, c, c, s=0.05), -1)
-    for name, which in (("Pallas", backend), ("XLA", None)):
-        inverse = jax.jit(lambda a, which=which: unit_lower_inverse(which, a))
-        print(f"| unit_lower_inverse, {name} | {median_ms(inverse, (a,), repeats):.3f} | |")
+    wy_args = (kw.astype(jnp.bfloat16), u.astype(jnp.bfloat16), jnp.full((bh, n, c), 0.5, jnp.float32),
+               jnp.cumsum(jnp.full((bh, n, c), -0.01, jnp.float32), axis=-1))
+    for name, prep in (("Pallas", functools.partial(_wy_pallas, backend)), ("XLA float32", _wy_xla)):
+        fwd = jax.jit(prep)
+        both = jax.jit(jax.grad(lambda *a, prep=prep: sum(jnp.sum(o.astype(jnp.float32)) for o in prep(*a)),
+                                argnums=(0, 1, 2, 3)))
+        print(f"| WY preparation (gated delta rule), {name} | {median_ms(fwd, wy_args, repeats):.3f} "
+              f"| {median_ms(both, wy_args, repeats):.3f} |")
     past = normal(bh, n, 3 * d, d, s=d**-0.5)
     ops = (jnp.einsum("...nj,...nk->...jk", past, past), jnp.ones((bh, n, c), jnp.float32),
            jnp.tril(jnp.ones((bh, n, c, c), jnp.float32)), kw)

@@ -92,7 +92,7 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     dg_ref[...] = dg - jnp.sum(k32 * dk, axis=-1, keepdims=True)
 
 
-def _tile(x):
+def chunk_tile(x):
     """One (head, chunk) block of x: head-chunked [BH, N, C, ·] (also states [BH, N, K, V] and decays) or
     token-major [B, N, C, H, ·] (Triton: an op's [B, T, H, ·] reshaped, read in place)."""
     if x.ndim == 5:
@@ -101,22 +101,22 @@ def _tile(x):
     return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, n: (b, n, 0, 0))
 
 
-def _grid(q):
+def chunk_grid(q):
     return (q.shape[0] * (q.shape[3] if q.ndim == 5 else 1), q.shape[1])
 
 
-def _decays(prefix):
+def decay_views(prefix):
     """G [BH, N, C] as a column and a row (reshapes, no copies)."""
     return prefix[..., :, None].astype(f32), prefix[..., None, :].astype(f32)
 
 
 def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False, out_dtype=None):
-    """O (q's layout with u's width; out_dtype, default u's) from q, k, u (each in either layout of _tile), the
+    """O (q's layout with u's width; out_dtype, default u's) from q, k, u (each in either layout of chunk_tile), the
     states entering every chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
     o = jax.ShapeDtypeStruct((*q.shape[:-1], u.shape[-1]), out_dtype or u.dtype)
-    ins = (q, k, u, starts, *_decays(prefix))
-    call = backend.call(kernel, grid=_grid(q), in_specs=[_tile(x) for x in ins], out_specs=_tile(o), out_shape=o,
+    ins = (q, k, u, starts, *decay_views(prefix))
+    call = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(o), out_shape=o,
                         semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1],
                         name="chunk_output_fwd")
     return call(*ins)
@@ -133,9 +133,9 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale,
     warps, stages = TRITON["bwd_dw" if with_dw else "bwd"]
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
-    ins = (q, k, u, starts, *_decays(prefix), do, dnext)
-    outs = backend.call(kernel, grid=_grid(q), in_specs=[_tile(x) for x in ins],
-                        out_specs=[_tile(x) for x in out_shape], out_shape=out_shape,
+    ins = (q, k, u, starts, *decay_views(prefix), do, dnext)
+    outs = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins],
+                        out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
                         semantics=("parallel", "parallel"), num_warps=warps, num_stages=stages,
                         name="chunk_output_bwd")(*ins)
     dq, dk, du, dg = outs[:4]
@@ -154,7 +154,7 @@ def local_values_grad(backend: Backend, q, k, do, prefix, scale, exact=False):
     the outputs of their own chunk, which the gated delta rule's backward state pass needs before it starts."""
     kernel = functools.partial(_local_values_kernel, scale=scale, precision=backend.precision(exact))
     du = jax.ShapeDtypeStruct((*k.shape[:-1], do.shape[-1]), do.dtype)
-    ins = (q, k, do, *_decays(prefix))
-    return backend.call(kernel, grid=_grid(q), in_specs=[_tile(x) for x in ins], out_specs=_tile(du), out_shape=du,
+    ins = (q, k, do, *decay_views(prefix))
+    return backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(du), out_shape=du,
                         semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
                         num_stages=TRITON["fwd"][1], name="local_values_grad")(*ins)

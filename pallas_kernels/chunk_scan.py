@@ -189,11 +189,11 @@ def delta_reverse_pass(backend: Backend, config: ScanConfig, k, key_scale, q, qu
                        dfinal):
     """The gated delta rule's backward state pass (see _delta_reverse_step), from the last chunk to the first.
 
-    Head-chunked k, w [BH, N, C, K], du_local [BH, N, C, V]; q [·, K] and do [·, V] head-chunked too or, for
-    Triton, token-major [B, N, C, H, ·]; key_scale, query_scale [BH, N, C]; decay [BH, N]; dfinal [BH, K, V].
+    k, w [·, K], q [·, K], do and du_local [·, V] head-chunked [BH, N, C, ·] or, for Triton, token-major
+    [B, N, C, H, ·] (each its own); key_scale, query_scale [BH, N, C]; decay [BH, N]; dfinal [BH, K, V].
     Returns (dS' of every chunk [BH, N, K, V] in k's dtype, dS of the first chunk).
     """
-    bh, n, c, dk = k.shape
+    bh, (n, c), dk = dfinal.shape[0], k.shape[1:3], k.shape[-1]
     v = do.shape[-1]
     bv = config.block(backend, v)
     ins = [k, key_scale[..., None].astype(f32), q, query_scale[..., None].astype(f32), w, do, du_local]

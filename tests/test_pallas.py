@@ -19,7 +19,7 @@ import pallas_kernels
 from pallas_kernels._pallas import Backend
 from pallas_kernels.chunk_output import output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, state_pass
-from pallas_kernels.gated_delta_rule import unit_lower_inverse
+from pallas_kernels.wy import wy_backward, wy_forward
 from tests.numerics import rel
 
 gka_module = sys.modules["pallas_kernels.gka"]
@@ -122,9 +122,6 @@ def test_kernel_pieces(variant):
     f = jnp.full((2, c, 1), 3.0 * np.sqrt(k), jnp.float32)
     solve = lambda solver: jax.jit(lambda *a: solver(gka_module._apply_chunk, a[:4], *a[4:]))(*ops, rhs, 0.02 * f, f)
     assert rel(solve(gka_module.Solver(10, backend)), solve(gka_module.Solver(10))) <= 1e-5
-    a = jnp.asarray(np.tril(rng.standard_normal((3, 64, 64)) * 0.3, -1), jnp.float32)
-    inv = unit_lower_inverse(backend, a)
-    assert np.abs(np.asarray(inv) @ (np.eye(64) + np.asarray(a)) - np.eye(64)).max() <= 1e-4 * np.abs(inv).max()
 
 
 @pytest.mark.parametrize("variant,token_major", [("pallas_triton", False), ("pallas_triton", True),
@@ -162,6 +159,44 @@ def test_chunk_output_against_its_jnp_vjp(variant, token_major):
     assert rel(back(dw), -jnp.einsum("...cv,...kv->...ck", du_ref, s, precision="highest")) <= 1e-5
 
 
+@pytest.mark.parametrize("variant,token_major", [("pallas_triton", False), ("pallas_triton", True),
+                                                  ("pallas_mosaic", False)])
+def test_wy_against_its_jnp_vjp(variant, token_major):
+    """The gated delta rule's WY kernels (W, Ũ and their backward, with the keys' cotangent from elsewhere added)
+    against jax.vjp of W = T diag(β e^G) K, Ũ = T diag(β) V with T = (I + A)⁻¹ from a float32 LU inverse; keys
+    near each other and β up to 1 so that T has large entries; C = 64, four 16-wide blocks on Triton."""
+    backend = Backend(variant[7:], interpret=True)
+    rng = np.random.default_rng(4)
+    b, h, n, c, dk, dv = 1, 2, 2, 64, 32, 16
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    k = normal(b * h, n, c, dk) * 0.3 + normal(b * h, n, 1, dk)  # a shared direction: kᵀk near 1
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v, dw, du, dk_other = normal(b * h, n, c, dv), normal(b * h, n, c, dk), normal(b * h, n, c, dv), normal(
+        b * h, n, c, dk)
+    beta = jnp.asarray(rng.uniform(0, 1, (b * h, n, c)), jnp.float32)
+    prefix = jnp.cumsum(-jnp.abs(normal(b * h, n, c)) * 0.05, axis=-1)
+
+    def wy(k, v, beta, prefix):
+        strict = jnp.tril(jnp.ones((c, c), bool), -1)
+        m = jnp.exp(jnp.where(strict, prefix[..., :, None] - prefix[..., None, :], -jnp.inf))
+        mm = functools.partial(jnp.einsum, precision="highest")
+        t = jnp.linalg.inv(jnp.eye(c) + beta[..., None] * mm("...tk,...sk->...ts", k, k) * m)
+        return (mm("...ts,...sk->...tk", t, (beta * jnp.exp(prefix))[..., None] * k),
+                mm("...ts,...sv->...tv", t, beta[..., None] * v))
+
+    (w_ref, u_ref), vjp = jax.vjp(wy, k, v, beta, prefix)
+    dk_ref, dv_ref, dbeta_ref, dg_ref = vjp((dw, du))
+    layout = (lambda x: jnp.moveaxis(x.reshape(b, h, *x.shape[1:]), 1, 3)) if token_major else (lambda x: x)
+    back = (lambda x: jnp.moveaxis(x, 3, 1).reshape(b * h, *x.shape[1:3], x.shape[-1])) if token_major else layout
+    w, u, t = wy_forward(backend, layout(k), layout(v), beta, prefix)
+    assert np.abs(np.asarray(t) - np.eye(c)).max() > 0.5  # T is far from the identity
+    assert rel(back(w), w_ref) <= 1e-5 and rel(back(u), u_ref) <= 1e-5
+    dk, dv, dbeta, dg = wy_backward(backend, layout(k), layout(v), beta, prefix, t, layout(dw), layout(du),
+                                    layout(dk_other))
+    assert rel(back(dk), dk_ref + dk_other) <= 1e-5 and rel(back(dv), dv_ref) <= 1e-5
+    assert rel(dbeta, dbeta_ref) <= 1e-5 and rel(dg, dg_ref) <= 1e-5
+
+
 @pytest.mark.parametrize("variant,platform", [("triton", "cuda"), ("mosaic", "tpu")])
 @pytest.mark.parametrize("op", sorted(GATES))
 def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
@@ -178,11 +213,11 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
     text = exported.mlir_module()
     target = "xla.gpu.triton" if variant == "triton" else "tpu_custom_call"
     # Under grad of a sum the forward output kernel is dead code; what remains: simple_gla: the state pass both
-    # ways and chunk_output's backward; gated_delta_rule: the inverse, the state pass, the chunk-local value
-    # gradient, its reverse pass and chunk_output's backward; GKA: both simple_gla passes plus its key
+    # ways and chunk_output's backward; gated_delta_rule: the WY preparation both ways, the state pass, the
+    # chunk-local value gradient, its reverse pass and chunk_output's backward; GKA: both simple_gla passes plus its key
     # statistics' pass and backward, and (Mosaic only: on a GPU at K = 128 the solve stays in XLA,
     # pallas_kernels.gka._pallas_solve says why) the Chebyshev kernel both ways.
-    want = {"simple_gla": 3, "gated_delta_rule": 5, "gka": 5 if variant == "triton" else 7}[op]
+    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 5 if variant == "triton" else 7}[op]
     assert text.count(target) == want
 
 
@@ -196,4 +231,5 @@ def test_bench_runs_on_a_cpu(capsys):
         assert f"| 1x40x2x16 | {op} |" in table
     assert "failed" not in table
     bench.main(["--shapes", "1x64x2x16", "--components", "--repeats", "1", "--num-iter", "2"])
-    assert "| unit_lower_inverse, Pallas |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| WY preparation (gated delta rule), Pallas |" in out and "failed" not in out

@@ -1,0 +1,142 @@
+"""The gated delta rule's WY preparation as Pallas kernels: per chunk, the correction keys W and values Ũ.
+
+Per chunk of C tokens with keys K [C, K], values V [C, V], β [C] and in-chunk log-decay prefix G [C]
+(M[t, s] = e^{G_t − G_s} for s < t, else 0):
+
+    A = diag(β) (K Kᵀ ∘ M),   T = (I + A)⁻¹,   W = T diag(β e^G) K,   Ũ = T diag(β) V.
+
+One program per (head, chunk), as in chunk_output, so the same body serves Triton and Mosaic. The forward builds
+A by [b, b] blocks straight from the keys, inverts it by blocks (substitution inside the diagonal blocks,
+tensor-core products below; b = 16 on Triton, b = C on Mosaic, whose lane dimension is 128 wide) and keeps T in
+float32 for the backward. Products with T are float32-accurate (`Backend.precision(exact=True)`): T's entries
+grow where β kᵀk approaches 1, and the correction keys enter every later state.
+
+Backward, given dW, dŨ (from the state pass and chunk_output) and the keys' cotangent from those kernels:
+    dT = dW (β e^G ∘ K)ᵀ + dŨ (β ∘ V)ᵀ,   d(β e^G ∘ K) = Tᵀ dW,   d(β ∘ V) = Tᵀ dŨ,   dA = −Tᵀ dT Tᵀ,
+and with Q = β ∘ dA ∘ M (so dA's share of dK is Q K + Qᵀ K):
+    dβ_t = Σ_s (dA ∘ K Kᵀ ∘ M)_ts + (Tᵀ dW)_t·e^{G_t} k_t + (Tᵀ dŨ)_t·v_t,
+    dG_t = k_t·(Q K)_t − k_t·(Qᵀ K)_t + β_t e^{G_t} (Tᵀ dW)_t·k_t     (row sums only: no transposes in-kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._pallas import Backend, dot
+from pallas_kernels.chunk_output import decay_views, chunk_grid, chunk_tile
+
+f32 = jnp.float32
+
+
+def substitute(a, start, stop, inv):
+    """Rows start..stop−1 of (I + a)⁻¹ by forward substitution (a strictly lower [C, C], earlier rows of inv
+    done, later rows zero). Row i: inv_i = e_i − Σ_{j<i} a_ij inv_j. Masks instead of dynamic slices, so the same
+    code runs in XLA and inside Pallas kernels (Triton and Mosaic)."""
+    c = a.shape[-1]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    a_t = jnp.swapaxes(a, -1, -2)
+
+    def row(i, inv):
+        a_i = jnp.sum(jnp.where(cols == i, a_t, 0), axis=-1, keepdims=True)  # column j holds a_ij
+        e_i = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == i, 1.0, 0.0)
+        new = e_i - jnp.sum(a_i * inv, axis=-2, keepdims=True)
+        return jnp.where(rows == i, new, inv)
+
+    return jax.lax.fori_loop(start, stop, row, inv)
+
+
+def _strict_decay(gc, gr, diagonal: bool):
+    """e^{G_t − G_s} of one block of M: rows t from the column gc, columns s from the row gr; on a diagonal block
+    only s < t (masked before the exp)."""
+    d = gc - gr
+    if diagonal:
+        n = d.shape[0]
+        d = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+                      > jax.lax.broadcasted_iota(jnp.int32, (n, n), 1), d, -jnp.inf)
+    return jnp.exp(d)
+
+
+def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, w_ref, u_ref, t_ref, *, block, precision):
+    nb = k_ref.shape[0] // block
+    part = lambda i: pl.ds(i * block, block)
+    mm = functools.partial(dot, precision=precision)
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            kk = dot(k_ref[part(i), :], k_ref[part(j), :], tb=True)  # input dtype: exact products
+            a[i, j] = beta_ref[part(i), :] * kk * _strict_decay(gc_ref[part(i), :], gr_ref[:, part(j)], i == j)
+    eye = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+                    == jax.lax.broadcasted_iota(jnp.int32, (block, block), 1), 1.0, 0.0)
+    x = {}
+    for i in range(nb):
+        x[i, i] = substitute(a[i, i], 1, block, eye)
+        for j in range(i - 1, -1, -1):  # X_ij = −X_ii Σ_{j≤m<i} A_im X_mj
+            x[i, j] = -mm(x[i, i], sum(mm(a[i, m], x[m, j]) for m in range(j, i)))
+    for i in range(nb):
+        keys = lambda j: beta_ref[part(j), :] * jnp.exp(gc_ref[part(j), :]) * k_ref[part(j), :].astype(f32)
+        vals = lambda j: beta_ref[part(j), :] * v_ref[part(j), :].astype(f32)
+        w_ref[part(i), :] = sum(mm(x[i, j], keys(j)) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[part(i), :] = sum(mm(x[i, j], vals(j)) for j in range(i + 1)).astype(u_ref.dtype)
+        for j in range(nb):
+            t_ref[part(i), part(j)] = x[i, j] if j <= i else jnp.zeros((block, block), f32)
+
+
+def _bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, t_ref, dw_ref, du_ref, dk_ref, dk_out, dv_out, dbeta_out,
+                dg_out, *, precision):
+    mm = functools.partial(dot, precision=precision)
+    k, beta, gc, t = k_ref[...], beta_ref[...], gc_ref[...], t_ref[...]
+    k32, v32, eg = k.astype(f32), v_ref[...].astype(f32), jnp.exp(gc)
+    dw, du = dw_ref[...].astype(f32), du_ref[...].astype(f32)
+    keys, vals = beta * eg * k32, beta * v32
+    dt = mm(dw, keys, tb=True) + mm(du, vals, tb=True)
+    dkeys, dvals = mm(t, dw, ta=True), mm(t, du, ta=True)
+    da = -mm(mm(t, dt, ta=True), t, tb=True)
+    m = _strict_decay(gc, gr_ref[...], True)
+    dam = da * m
+    q = beta * dam
+    qk, qtk = mm(q, k32), mm(q, k32, ta=True)
+    row = lambda x: jnp.sum(x, axis=1, keepdims=True)
+    dk = dk_ref[...].astype(f32) + beta * eg * dkeys + qk + qtk
+    dk_out[...] = dk.astype(dk_out.dtype)
+    dv_out[...] = (beta * dvals).astype(dv_out.dtype)
+    kk = dot(k, k, tb=True)
+    dbeta_out[...] = row(dam * kk) + row(dkeys * eg * k32) + row(dvals * v32)
+    dg_out[...] = row(k32 * qk) - row(k32 * qtk) + row(dkeys * keys)
+
+
+def _column(x):
+    return x[..., None].astype(f32)
+
+
+def wy_forward(backend: Backend, k, v, beta, prefix):
+    """(W in k's layout and dtype, Ũ in v's, T float32 [BH, N, C, C]) from k [·, K] and v [·, V] head-chunked
+    [BH, N, C, ·] or token-major [B, N, C, H, ·] (Triton), β and the in-chunk prefix G [BH, N, C]."""
+    c = beta.shape[-1]
+    block = 16 if backend.name == "triton" else c
+    kernel = functools.partial(_fwd_kernel, block=block, precision=backend.precision(exact=True))
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    out_shape = [like(k), like(v), jax.ShapeDtypeStruct((*beta.shape, c), f32)]
+    ins = (k, v, _column(beta), *decay_views(prefix))
+    return backend.call(kernel, grid=chunk_grid(k), in_specs=[chunk_tile(x) for x in ins],
+                        out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
+                        semantics=("parallel", "parallel"), name="wy_fwd")(*ins)
+
+
+def wy_backward(backend: Backend, k, v, beta, prefix, t, dw, du, dk):
+    """(dK, dV, dβ, dG): wy_forward's cotangents given dW, dŨ and the keys' cotangent from elsewhere, dk, which
+    is added in float32 (one rounding to k's dtype). dK and dV come in k's and v's layouts and dtypes, dβ and dG
+    float32 [BH, N, C]."""
+    kernel = functools.partial(_bwd_kernel, precision=backend.precision(exact=False))
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    column = jax.ShapeDtypeStruct((*beta.shape, 1), f32)
+    out_shape = [like(k), like(v), column, column]
+    ins = (k, v, _column(beta), *decay_views(prefix), t, dw, du, dk)
+    dk, dv, dbeta, dg = backend.call(kernel, grid=chunk_grid(k), in_specs=[chunk_tile(x) for x in ins],
+                                     out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
+                                     semantics=("parallel", "parallel"), name="wy_bwd")(*ins)
+    return dk, dv, dbeta[..., 0], dg[..., 0]
