@@ -164,7 +164,7 @@ def test_chunk_output_against_its_jnp_vjp(variant, token_major):
 def test_wy_against_its_jnp_vjp(variant, token_major):
     """The gated delta rule's WY kernels (W, Ũ and their backward, with the keys' cotangent from elsewhere added)
     against jax.vjp of W = T diag(β e^G) K, Ũ = T diag(β) V with T = (I + A)⁻¹ from a float32 LU inverse; keys
-    near each other and β up to 1 so that T has large entries; C = 64, four 16-wide blocks on Triton."""
+    near each other and β up to 1 so that T has large entries; C = 64, two 32-wide blocks on Triton."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(4)
     b, h, n, c, dk, dv = 1, 2, 2, 64, 32, 16
