@@ -18,7 +18,7 @@ from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, ch
 from pallas_kernels._pallas import backend_for, pad_axis
 from pallas_kernels.chunk_output import local_values_grad, output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, delta_reverse_pass, state_pass
-from pallas_kernels.wy import substitute, wy_backward, wy_forward
+from pallas_kernels.wy import wy_backward, wy_forward
 
 
 def _step(q, k, v, g, beta, state, scale):
@@ -39,12 +39,29 @@ def _reference(q, k, v, g, beta, state, scale):
     return jnp.moveaxis(o, 0, 1), state
 
 
+def _substitute(a):
+    """(I + a)⁻¹ by forward substitution, row by row: inv_i = e_i − Σ_{j<i} a_ij inv_j (a strictly lower
+    [..., C, C]; masks instead of dynamic slices, so one loop serves any batch shape)."""
+    c = a.shape[-1]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    a_t = jnp.swapaxes(a, -1, -2)
+
+    def row(i, inv):
+        a_i = jnp.sum(jnp.where(cols == i, a_t, 0), axis=-1, keepdims=True)  # column j holds a_ij
+        e_i = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == i, 1.0, 0.0)
+        new = e_i - jnp.sum(a_i * inv, axis=-2, keepdims=True)
+        return jnp.where(rows == i, new, inv)
+
+    return jax.lax.fori_loop(0, c, row, jnp.zeros_like(a))
+
+
 @jax.custom_vjp
 def unit_lower_inverse(a):
     """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], exactly (forward substitution: C batched
     vector-matrix steps in XLA). Exact, unlike a truncated Neumann series, which blows up when entries of a
     approach 1. The custom VJP keeps backward to two matmuls. (The Pallas path inverts inside wy_forward.)"""
-    return substitute(a, 0, a.shape[-1], jnp.zeros_like(a))
+    return _substitute(a)
 
 
 def _inverse_fwd(a):
