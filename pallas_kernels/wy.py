@@ -31,7 +31,7 @@ from pallas_kernels._pallas import Backend, dot
 from pallas_kernels.chunk_output import decay_views, chunk_grid, chunk_tile
 
 f32 = jnp.float32
-# Triton launch settings (warps, pipeline stages).
+# Triton launch settings (warps, pipeline stages), timed on an H100 (BENCHMARKS.md).
 TRITON = {"fwd": (4, 1), "bwd": (4, 1)}
 
 
@@ -93,8 +93,8 @@ def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, w_ref, u_ref, t_ref, *, 
 def _bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, t_ref, dw_ref, du_ref, dk_ref, dk_out, dv_out, dbeta_out,
                 dg_out, *, precision):
     # Ordered so that few [C, D] float32 tiles are live at once (values first, then keys, then dA's terms).
-    # Products with operands in the keys' dtype (bf16 in: 1.48 instead of 3.16 ms at T = 32768 on an H100 than
-    # with TF32 operands; the op's gradient errors unchanged to two digits).
+    # Products with operands in the keys' dtype (bf16 in: 1.48 ms at T = 32768 on an H100, 3.16 with TF32
+    # operands; the op's gradient errors unchanged to two digits).
     k, beta, gc, t = k_ref[...], beta_ref[...], gc_ref[...], t_ref[...]
     mm = lambda a, b, **kw: dot(a.astype(k.dtype), b.astype(k.dtype), precision=precision, **kw)
     row = lambda x: jnp.sum(x, axis=1, keepdims=True)

@@ -94,8 +94,8 @@ def test_interpret_gradients_and_bf16(op, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kernel_pieces(variant):
-    """The state pass with correction keys (and per-token key scales), and the unit-lower inverse, against plain
-    jnp."""
+    """The state pass with correction keys (and per-token key scales) against plain jnp, and GKA's solve kernel
+    against the XLA solve."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(2)
     bh, n, c, k, v = 2, 3, 16, 16, 32
