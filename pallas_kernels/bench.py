@@ -191,15 +191,13 @@ def _wy_pallas(backend, k, v, beta, prefix):
 
 def _wy_xla(k, v, beta, prefix):
     """The WY preparation in float32 XLA (the gated delta rule's Pallas path before wy_forward)."""
-    from pallas_kernels.gated_delta_rule import unit_lower_inverse
+    from pallas_kernels.gated_delta_rule import wy_terms
 
     c = beta.shape[-1]
     strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
     decay = jnp.exp(jnp.where(strict, prefix[..., :, None] - prefix[..., None, :], -jnp.inf))
-    k32, beta = k.astype(jnp.float32), beta[..., None]
-    tri = unit_lower_inverse(beta * jnp.einsum("...tk,...sk->...ts", k32, k32) * decay)
-    w = jnp.einsum("...ts,...sk->...tk", tri, beta * jnp.exp(prefix)[..., None] * k32)
-    return w.astype(k.dtype), jnp.einsum("...ts,...sv->...tv", tri, beta * v.astype(jnp.float32)).astype(v.dtype)
+    w, u = wy_terms(k.astype(jnp.float32), v.astype(jnp.float32), beta, jnp.exp(prefix), decay, jnp.einsum)
+    return w.astype(k.dtype), u.astype(v.dtype)
 
 
 def components(b, t, h, d, repeats: int, num_iter: int) -> None:

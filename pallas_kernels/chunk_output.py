@@ -35,11 +35,13 @@ f32 = jnp.float32
 TRITON = {"fwd": (4, 2), "bwd": (8, 2), "bwd_dw": (4, 2)}
 
 
-def _decay_matrix(gc, gr):
-    """M[t, s] = e^{G_t − G_s} for s ≤ t, else 0 (masked before the exp), from G as a column and as a row."""
+def decay_matrix(gc, gr, strict=False):
+    """M[t, s] = e^{G_t − G_s} for s ≤ t (s < t when strict), else 0 (masked before the exp), from G as a column
+    and as a row."""
     c = gc.shape[0]
-    causal = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) >= jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    return jnp.exp(jnp.where(causal, gc - gr, -jnp.inf))
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return jnp.exp(jnp.where(rows > cols if strict else rows >= cols, gc - gr, -jnp.inf))
 
 
 def _total(x):
@@ -51,7 +53,7 @@ def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, pre
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
     gc = gc_ref[...]
     mm = functools.partial(dot, precision=precision)
-    a = mm(q, k, tb=True) * _decay_matrix(gc, gr_ref[...])
+    a = mm(q, k, tb=True) * decay_matrix(gc, gr_ref[...])
     o = jnp.exp(gc) * mm(q, s_ref[...].astype(q.dtype)) + mm(a.astype(u.dtype), u)
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
@@ -65,7 +67,7 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     gc = gc_ref[...]
     s = s_ref[...].astype(op)
     mm = functools.partial(dot, precision=precision)
-    m = _decay_matrix(gc, gr_ref[...])
+    m = decay_matrix(gc, gr_ref[...])
     eg = jnp.exp(gc)
     a = mm(q, k, tb=True) * m
     da = (scale * mm(do_u, u, tb=True) * m).astype(op)
@@ -144,7 +146,7 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale,
 
 def _local_values_kernel(q_ref, k_ref, do_ref, gc_ref, gr_ref, du_ref, *, scale, precision):
     q, k = q_ref[...], k_ref[...]
-    a = dot(q, k, tb=True, precision=precision) * _decay_matrix(gc_ref[...], gr_ref[...])
+    a = dot(q, k, tb=True, precision=precision) * decay_matrix(gc_ref[...], gr_ref[...])
     du_ref[...] = (scale * dot(a.astype(q.dtype), do_ref[...].astype(q.dtype), ta=True,
                                precision=precision)).astype(du_ref.dtype)
 

@@ -78,17 +78,22 @@ def _inverse_bwd(inv, d_inv):
 unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 
 
+def wy_terms(k, v, beta, gamma, decay, mm=einsum):
+    """W = T diag(β e^G) K and Ũ = T diag(β) V with T = (I + A)⁻¹, A = strict_lower(diag(β) (K Kᵀ) ∘ M), in XLA:
+    k [..., C, K], v [..., C, V], β and γ = e^G [..., C], the decay matrix M [..., C, C]; mm the einsum."""
+    strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
+    tri = unit_lower_inverse(jnp.where(strict, beta[..., None] * mm("...tk,...sk->...ts", k, k) * decay, 0))
+    return (mm("...ts,...sk->...tk", tri, (beta * gamma)[..., None] * k),
+            mm("...ts,...sv->...tv", tri, beta[..., None] * v))
+
+
 def _chunked(q, k, v, g, beta, state, scale, chunk_size):
     t = q.shape[1]
     # Padding has g = 0, k = 0, beta = 0: it leaves the state unchanged.
     q, k, v, g, beta = (to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # [B, N, H, C, ...]
     prefix, decay = chunk_decay(g)
     gamma, to_end = jnp.exp(prefix), decay[..., -1, :]
-    strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
-    a = jnp.where(strict, beta[..., None] * einsum("bnhtk,bnhsk->bnhts", k, k) * decay, 0)
-    tri = unit_lower_inverse(a)
-    w = einsum("bnhts,bnhsk->bnhtk", tri, (beta * gamma)[..., None] * k)
-    u_tilde = einsum("bnhts,bnhsv->bnhtv", tri, beta[..., None] * v)
+    w, u_tilde = wy_terms(k, v, beta, gamma, decay)
 
     def body(s, xs):
         w_n, u_n, k_n, to_end_n, total_n = xs

@@ -28,22 +28,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._pallas import Backend, dot
-from pallas_kernels.chunk_output import decay_views, chunk_grid, chunk_tile
+from pallas_kernels.chunk_output import chunk_grid, chunk_tile, decay_matrix, decay_views
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages), timed on an H100 (BENCHMARKS.md).
 TRITON = {"fwd": (4, 1), "bwd": (4, 1)}
-
-
-def _strict_decay(gc, gr, diagonal: bool):
-    """e^{G_t − G_s} of one block of M: rows t from the column gc, columns s from the row gr; on a diagonal block
-    only s < t (masked before the exp)."""
-    d = gc - gr
-    if diagonal:
-        n = d.shape[0]
-        d = jnp.where(jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
-                      > jax.lax.broadcasted_iota(jnp.int32, (n, n), 1), d, -jnp.inf)
-    return jnp.exp(d)
 
 
 def _diagonal_inverse(a, precision):
@@ -74,18 +63,19 @@ def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, w_ref, u_ref, t_ref, *, 
     for i in range(nb):
         for j in range(i + 1):
             kk = dot(k_ref[part(i), :], k_ref[part(j), :], tb=True)  # input dtype: exact products
-            a[i, j] = beta_ref[part(i), :] * kk * _strict_decay(gc_ref[part(i), :], gr_ref[:, part(j)], i == j)
+            gc, gr = gc_ref[part(i), :], gr_ref[:, part(j)]
+            a[i, j] = beta_ref[part(i), :] * kk * (decay_matrix(gc, gr, strict=True) if i == j else jnp.exp(gc - gr))
     x = {}
     for i in range(nb):
         x[i, i] = _diagonal_inverse(a[i, i], precision)
         for j in range(i - 1, -1, -1):  # X_ij = −X_ii Σ_{j≤m<i} A_im X_mj
             x[i, j] = -mm(x[i, i], sum(mm(a[i, m], x[m, j]) for m in range(j, i)))
     mm = functools.partial(dot, precision=wu_precision)
+    keys = [beta_ref[part(j), :] * jnp.exp(gc_ref[part(j), :]) * k_ref[part(j), :].astype(f32) for j in range(nb)]
+    vals = [beta_ref[part(j), :] * v_ref[part(j), :].astype(f32) for j in range(nb)]
     for i in range(nb):
-        keys = lambda j: beta_ref[part(j), :] * jnp.exp(gc_ref[part(j), :]) * k_ref[part(j), :].astype(f32)
-        vals = lambda j: beta_ref[part(j), :] * v_ref[part(j), :].astype(f32)
-        w_ref[part(i), :] = sum(mm(x[i, j], keys(j)) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[part(i), :] = sum(mm(x[i, j], vals(j)) for j in range(i + 1)).astype(u_ref.dtype)
+        w_ref[part(i), :] = sum(mm(x[i, j], keys[j]) for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[part(i), :] = sum(mm(x[i, j], vals[j]) for j in range(i + 1)).astype(u_ref.dtype)
         for j in range(nb):
             t_ref[part(i), part(j)] = x[i, j] if j <= i else jnp.zeros((block, block), f32)
 
@@ -110,7 +100,7 @@ def _bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, t_ref, dw_ref, du_ref, d
     dbeta = dbeta + row(dkeys * eg * k32)
     dg = row(dkeys * keys)
     dk = dk_ref[...].astype(f32) + beta * eg * dkeys
-    dam = -mm(mm(t, dt, ta=True), t, tb=True) * _strict_decay(gc, gr_ref[...], True)
+    dam = -mm(mm(t, dt, ta=True), t, tb=True) * decay_matrix(gc, gr_ref[...], strict=True)
     dbeta_out[...] = dbeta + row(dam * dot(k, k, tb=True))
     q = beta * dam
     qk = mm(q, k32)

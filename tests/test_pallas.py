@@ -124,6 +124,15 @@ def test_kernel_pieces(variant):
     assert rel(solve(gka_module.Solver(10, backend)), solve(gka_module.Solver(10))) <= 1e-5
 
 
+def kernel_layout(token_major, b, h):
+    """(to, back) between head-chunked [BH, N, C, ·] arrays and the kernels' token-major [B, N, C, H, ·] blocks
+    (identities when not token_major)."""
+    if not token_major:
+        return (lambda x: x), (lambda x: x)
+    return (lambda x: jnp.moveaxis(x.reshape(b, h, *x.shape[1:]), 1, 3),
+            lambda x: jnp.moveaxis(x, 3, 1).reshape(b * h, *x.shape[1:3], x.shape[-1]))
+
+
 @pytest.mark.parametrize("variant,token_major", [("pallas_triton", False), ("pallas_triton", True),
                                                   ("pallas_mosaic", False)])
 def test_chunk_output_against_its_jnp_vjp(variant, token_major):
@@ -148,8 +157,7 @@ def test_chunk_output_against_its_jnp_vjp(variant, token_major):
 
     (o_ref, _), vjp = jax.vjp(chunk, q, k, u, s, prefix)
     dq_ref, dk_ref, du_ref, _, dg_ref = vjp((do, dnext))
-    layout = (lambda x: jnp.moveaxis(x.reshape(b, h, *x.shape[1:]), 1, 3)) if token_major else (lambda x: x)
-    back = (lambda x: jnp.moveaxis(x, 3, 1).reshape(b * h, *x.shape[1:3], x.shape[-1])) if token_major else layout
+    layout, back = kernel_layout(token_major, b, h)
     o = output_forward(backend, layout(q), layout(k), layout(u), s, prefix, scale)
     dq, dk, du, dg, dw = output_backward(backend, layout(q), layout(k), layout(u), s, prefix, layout(do), dnext,
                                          scale, with_dw=True)
@@ -186,8 +194,7 @@ def test_wy_against_its_jnp_vjp(variant, token_major):
 
     (w_ref, u_ref), vjp = jax.vjp(wy, k, v, beta, prefix)
     dk_ref, dv_ref, dbeta_ref, dg_ref = vjp((dw, du))
-    layout = (lambda x: jnp.moveaxis(x.reshape(b, h, *x.shape[1:]), 1, 3)) if token_major else (lambda x: x)
-    back = (lambda x: jnp.moveaxis(x, 3, 1).reshape(b * h, *x.shape[1:3], x.shape[-1])) if token_major else layout
+    layout, back = kernel_layout(token_major, b, h)
     w, u, t = wy_forward(backend, layout(k), layout(v), beta, prefix)
     assert np.abs(np.asarray(t) - np.eye(c)).max() > 0.5  # T is far from the identity
     assert rel(back(w), w_ref) <= 1e-5 and rel(back(u), u_ref) <= 1e-5
