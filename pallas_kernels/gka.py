@@ -113,14 +113,38 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
     return decay[..., None] * hx + mm("...cs,...sk->...ck", xk, k)
 
 
+def _split_bf16(x):
+    """float32 x as (hi, lo) bf16 with x ≈ hi + lo to 16 significant bits."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot_bf16x3(a, b, **kw):
+    """a @ b from split operands: hi·hi + hi·lo + lo·hi on bf16 tensor cores, float32 accumulation."""
+    (a_hi, a_lo), (b_hi, b_lo) = a, b
+    return dot(a_hi, b_hi, **kw) + dot(a_hi, b_lo, **kw) + dot(a_lo, b_hi, **kw)
+
+
 def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
-    """One chunk's Chebyshev solve with everything on chip for all iterations."""
+    """One chunk's Chebyshev solve with everything on chip for all iterations.
+
+    precision "bf16x3" (Triton): every product from bf16 hi/lo splits, H₀'s and the keys' split once per
+    program. Half the shared memory of 3×TF32 operands (which asked for 256 KB at K = 128, more than a GPU has)
+    and bf16 tensor-core speed; the solve keeps ~16 significant bits (GKA's float32 output error 1–3e-4 against
+    the reference at the same num_iter, vs 6–11e-6 with float32 products and 1–2e-2 with TF32, measured on a
+    CPU with the products emulated).
+    """
     h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
     k = k_ref[...].astype(jnp.float32)
-    mm = partial(dot, precision=precision)
+    if precision == "bf16x3":
+        h0, k = _split_bf16(h0), _split_bf16(k)
+        mm = lambda a, b, **kw: _dot_bf16x3(_split_bf16(a), b, **kw)
+    else:
+        mm = partial(dot, precision=precision)
 
     def apply_h(x):
-        return decay * mm(x, h0) + mm(mm(x, k, tb=True) * mask, k)
+        xk = mm(x, k, tb=True) * mask
+        return decay * mm(x, h0) + mm(xk, k)
 
     x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
 
@@ -137,7 +161,8 @@ def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     column = lambda a: flat(a, c, 1).astype(jnp.float32)
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(exact=True))
+    precision = "bf16x3" if backend.name == "triton" else backend.precision(exact=True)
+    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=precision)
     x = backend.call(kernel, grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -217,12 +242,7 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
                        ScanConfig(exact=True))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
-    # On a GPU with K ≥ 128 the solve stays in XLA (with 3×TF32 tensor-core products): the 3×TF32 Triton kernel
-    # asks for 256 KB of shared memory at K = 128 (an H100 has 227 KB; 64-wide column blocks asked for as much),
-    # and with plain float32 FMAs it ran 22× slower than XLA.
-    on_gpu_wide = backend.name == "triton" and not backend.interpret and dk >= 128
-    solver = Solver(num_iter, None, backend.precision(exact=True)) if on_gpu_wide else Solver(num_iter, backend)
-    x = _ridge_solve(_apply_chunk, solver, (h0, decay, mask_decay, k), ridge_strength * f, f, q)
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 

@@ -45,6 +45,14 @@ def inputs(op, b, t, h, dk, dv, with_state, seed=0):
     return [jnp.asarray(x, jnp.float32) for x in xs], jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), state)
 
 
+def gka_tolerance(op, variant):
+    """float32 relative tolerance against the reference: GKA's x ≈ q/λ amplifies product rounding by up to the
+    solve's conditioning (1/r = 50); its Triton solve kernel takes bf16x3 products (~16 significant bits)."""
+    if op != "gka":
+        return 1e-5
+    return 1e-3 if variant == "pallas_triton" else 2e-4
+
+
 def run(op, impl, xs, state, dtype=jnp.float32, chunk_size=16):
     fn = getattr(pallas_kernels, op)
     xs = [x.astype(dtype) if i < 3 else x for i, x in enumerate(xs)]
@@ -60,7 +68,7 @@ def test_interpret_matches_reference(op, variant, shape):
     xs, state = inputs(op, *shape)
     o_ref, s_ref = run(op, "reference", xs, state)
     o, s = run(op, variant, xs, state)
-    assert rel(o, o_ref) <= (2e-4 if op == "gka" else 1e-5)
+    assert rel(o, o_ref) <= gka_tolerance(op, variant)
     for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_ref)):
         assert rel(a, b) <= 1e-5
 
@@ -82,7 +90,7 @@ def test_interpret_gradients_and_bf16(op, variant):
     grad = lambda impl, dtype: jax.jit(jax.grad(lambda xs, s: loss(impl, dtype, xs, s), argnums=(0, 1)))(xs, state)
     ref = jax.tree.leaves(grad("reference", jnp.float32))
     for a, b in zip(jax.tree.leaves(grad(variant, jnp.float32)), ref):
-        assert rel(a, b) <= (2e-4 if op == "gka" else 1e-5)
+        assert rel(a, b) <= gka_tolerance(op, variant)
     o_ref, _ = run(op, "reference", [x.astype(jnp.bfloat16).astype(jnp.float32) if i < 3 else x
                                      for i, x in enumerate(xs)], state)
     o, _ = run(op, variant, xs, state, dtype=jnp.bfloat16)
@@ -222,9 +230,8 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
     # Under grad of a sum the forward output kernel is dead code; what remains: simple_gla: the state pass both
     # ways and chunk_output's backward; gated_delta_rule: the WY preparation both ways, the state pass, the
     # chunk-local value gradient, its reverse pass and chunk_output's backward; GKA: both simple_gla passes plus its key
-    # statistics' pass and backward, and (Mosaic only: on a GPU at K = 128 the solve stays in XLA,
-    # pallas_kernels.gka._pallas_solve says why) the Chebyshev kernel both ways.
-    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 5 if variant == "triton" else 7}[op]
+    # statistics' pass and backward, and the Chebyshev kernel both ways.
+    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 7}[op]
     assert text.count(target) == want
 
 
