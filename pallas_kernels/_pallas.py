@@ -26,12 +26,16 @@ class Backend:
     name: str
     interpret: bool
 
-    def precision(self, exact: bool):
-        """Matmul precision for float32 operands: the default (TF32 on GPU tensor cores), or float32-accurate
-        (three TF32 passes in a Triton kernel, HIGHEST elsewhere) where rounding would be amplified (GKA)."""
+    def precision(self, exact: bool | str):
+        """Matmul precision for float32 operands: the default (exact False: TF32 on GPU tensor cores), or more
+        accurate where rounding would be amplified: exact True, float32-accurate (three TF32 passes in a Triton
+        kernel); "bf16x3", about 16 significant bits from three bf16 passes (bf16 tensor-core speed, half the shared
+        memory of TF32 operands). Both are HIGHEST off Triton (and interpreted, where the CPU computes in float32)."""
         if not exact:
             return None
         if self.name == "triton" and not self.interpret:
+            if exact == "bf16x3":
+                return jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
             return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         return jax.lax.Precision.HIGHEST
 

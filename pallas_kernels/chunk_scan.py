@@ -34,14 +34,14 @@ f32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """How to run the scan: V columns per Triton program, Triton pipeline stages, float32-accurate matmuls.
+    """How to run the scan: V columns per Triton program, Triton pipeline stages, matmul accuracy.
 
     The defaults were the fastest settings timed on an H100 (block_v 16, 32, 64; 1 to 3 stages; BENCHMARKS.md).
     """
 
     block_v: int = 32
     num_stages: int = 3
-    exact: bool = False
+    exact: bool | str = False  # Backend.precision's levels
 
     def block(self, backend: Backend, v: int) -> int:
         """Mosaic wants multiples of 128 (or all of V), Triton powers of two."""

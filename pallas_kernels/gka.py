@@ -62,11 +62,12 @@ class Solver:
     num_iter: int
     backend: Backend | None = None
     precision: object = jax.lax.Precision.HIGHEST
+    keys_exact: bool = False
 
     def __call__(self, apply_h, ops, rhs, lam, f):
         if self.backend is None:
             return _chebyshev(partial(apply_h, ops, precision=self.precision), rhs, lam, f, self.num_iter)
-        return _chebyshev_pallas(self.backend, self.num_iter, ops, rhs, lam, f)
+        return _chebyshev_pallas(self, ops, rhs, lam, f)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -120,24 +121,29 @@ def _split_bf16(x):
 
 
 def _dot_bf16x3(a, b, **kw):
-    """a @ b from split operands: hi·hi + hi·lo + lo·hi on bf16 tensor cores, float32 accumulation."""
+    """a @ b from split operands: hi·hi + hi·lo + lo·hi on bf16 tensor cores, float32 accumulation (b_lo None:
+    b is exact in bf16, two passes)."""
     (a_hi, a_lo), (b_hi, b_lo) = a, b
-    return dot(a_hi, b_hi, **kw) + dot(a_hi, b_lo, **kw) + dot(a_lo, b_hi, **kw)
+    out = dot(a_hi, b_hi, **kw) + dot(a_lo, b_hi, **kw)
+    return out if b_lo is None else out + dot(a_hi, b_lo, **kw)
 
 
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision,
+                      keys_exact):
     """One chunk's Chebyshev solve with everything on chip for all iterations.
 
     precision "bf16x3" (Triton): every product from bf16 hi/lo splits, H₀'s and the keys' split once per
-    program. Half the shared memory of 3×TF32 operands (which asked for 256 KB at K = 128, more than a GPU has)
-    and bf16 tensor-core speed; the solve keeps ~16 significant bits (GKA's float32 output error 1–3e-4 against
-    the reference at the same num_iter, vs 6–11e-6 with float32 products and 1–2e-2 with TF32, measured on a
-    CPU with the products emulated).
+    program (keys_exact: bf16 keys, exact in one bf16 part, so their products take two passes, not three). Half the
+    shared memory of 3×TF32 operands (which asked for 256 KB at K = 128, more than a GPU has) and bf16 tensor-core
+    speed; the solve keeps ~16 significant bits (GKA's float32 output error 1–3e-4 against the reference at the same
+    num_iter, vs 6–11e-6 with float32 products and 1–2e-2 with TF32, measured on a CPU with the products emulated;
+    ≤ 6.4e-4 on an H100).
     """
     h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
     k = k_ref[...].astype(jnp.float32)
     if precision == "bf16x3":
-        h0, k = _split_bf16(h0), _split_bf16(k)
+        h0 = _split_bf16(h0)
+        k = (k.astype(jnp.bfloat16), None) if keys_exact else _split_bf16(k)
         mm = lambda a, b, **kw: _dot_bf16x3(_split_bf16(a), b, **kw)
     else:
         mm = partial(dot, precision=precision)
@@ -149,9 +155,10 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
 
 
-def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
+def _chebyshev_pallas(solver, ops, rhs, lam, f):
     """The chunk operator's solve as a Pallas kernel: one program per chunk. ops as for _apply_chunk, with
     leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
+    backend, num_iter = solver.backend, solver.num_iter
     h0, decay, mask, k = ops
     lead, (c, dk) = rhs.shape[:-2], rhs.shape[-2:]
     kp = backend.width(dk)
@@ -162,7 +169,8 @@ def _chebyshev_pallas(backend, num_iter, ops, rhs, lam, f):
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
     precision = "bf16x3" if backend.name == "triton" else backend.precision(exact=True)
-    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=precision)
+    k = k.astype(jnp.bfloat16) if solver.keys_exact else k
+    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=precision, keys_exact=solver.keys_exact)
     x = backend.call(kernel, grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -233,16 +241,17 @@ def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     return from_chunks(x, t), h_final
 
 
-def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
+def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, keys_exact):
     """_chunked_solve on the Pallas kernels: H₀ of every chunk from chunk_scan (values = keys), then one
     Chebyshev kernel program per chunk, forward and for the implicit backward solve."""
     b, t, h, dk = q.shape
     q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, None, g, h_kk, chunk_size)
     h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
-                       ScanConfig(exact=True))
+                       ScanConfig(exact="bf16x3"))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
-    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend), (h0, decay, mask_decay, k), ridge_strength * f, f, q)
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend, keys_exact=keys_exact), (h0, decay, mask_decay, k),
+                      ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 
@@ -303,12 +312,13 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
     impl = resolve_impl("gka", impl, dtype)
     h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
     # One cast for every use: k feeds four paths whose gradients partly cancel; summed in float32 first.
+    keys_exact = k.dtype == jnp.bfloat16  # the solve's keys need no low bf16 part
     q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
     if impl.startswith("pallas"):
         backend = backend_for(impl[7:])
-        x, h_kk = _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size)
+        x, h_kk = _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, keys_exact)
         q_tilde = q + alpha[..., None] * (x - q)
-        o, h_kv = simple_gla_pallas(backend, q_tilde, k, v, g, h_kv, scale, chunk_size, exact=True)
+        o, h_kv = simple_gla_pallas(backend, q_tilde, k, v, g, h_kv, scale, chunk_size, exact="bf16x3")
     elif impl == "reference":
         o, (h_kk, h_kv) = _reference(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter)
     else:

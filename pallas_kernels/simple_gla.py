@@ -60,8 +60,8 @@ def _chunked(q, k, v, g, state, scale, chunk_size):
 
 def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False):
     """The Pallas path on [B, T, H, ·] inputs, kept in their dtype and chunked as kernel_chunking says, feature
-    dimensions at the backend's kernel widths. exact: float32-accurate matmuls (GKA's read-out, whose queries are
-    large)."""
+    dimensions at the backend's kernel widths. exact: more accurate matmuls (Backend.precision's levels; GKA's
+    read-out, whose queries are large)."""
     b, t = q.shape[:2]
     check_pallas_chunk("simple_gla", chunk_size)
     chunks, unchunk = kernel_chunking(backend)

@@ -130,6 +130,9 @@ def test_kernel_pieces(variant):
     f = jnp.full((2, c, 1), 3.0 * np.sqrt(k), jnp.float32)
     solve = lambda solver: jax.jit(lambda *a: solver(gka_module._apply_chunk, a[:4], *a[4:]))(*ops, rhs, 0.02 * f, f)
     assert rel(solve(gka_module.Solver(10, backend)), solve(gka_module.Solver(10))) <= 1e-5
+    # Keys exact in bf16 (bf16 inputs): the Triton kernel drops their low parts; nothing else may change.
+    ops = (*ops[:3], keys.astype(jnp.bfloat16).astype(jnp.float32))
+    assert rel(solve(gka_module.Solver(10, backend, keys_exact=True)), solve(gka_module.Solver(10))) <= 1e-5
 
 
 def kernel_layout(token_major, b, h):
