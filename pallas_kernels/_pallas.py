@@ -17,6 +17,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 BACKENDS = ("triton", "mosaic")
+# Backend.precision's bf16x3 level on Triton: dot() splits float32 operands into bf16 hi/lo parts itself.
+BF16X3 = "bf16x3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,14 +30,15 @@ class Backend:
 
     def precision(self, exact: bool | str):
         """Matmul precision for float32 operands: the default (exact False: TF32 on GPU tensor cores), or more
-        accurate where rounding would be amplified: exact True, float32-accurate (three TF32 passes in a Triton
-        kernel); "bf16x3", about 16 significant bits from three bf16 passes (bf16 tensor-core speed, half the shared
-        memory of TF32 operands). Both are HIGHEST off Triton (and interpreted, where the CPU computes in float32)."""
+        accurate where rounding would be amplified. exact True: float32-accurate (three TF32 passes in a Triton
+        kernel, HIGHEST elsewhere). exact "bf16x3" on Triton: BF16X3, about 16 significant bits from bf16 hi/lo
+        parts (see dot; bf16 tensor-core speed, half the shared memory of TF32 operands), emulated the same way when
+        interpreted; HIGHEST on Mosaic."""
         if not exact:
             return None
+        if self.name == "triton" and exact == BF16X3:
+            return BF16X3
         if self.name == "triton" and not self.interpret:
-            if exact == "bf16x3":
-                return jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3
             return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         return jax.lax.Precision.HIGHEST
 
@@ -71,8 +74,29 @@ def backend_for(variant: str | None = None) -> Backend:
     return Backend(name, interpret=name != native)
 
 
+def split_bf16(x):
+    """x as bf16 (hi, lo) parts with x ≈ hi + lo to ~16 significant bits; a bf16 x is exact in one part (lo None);
+    a pair passes through (split once, use many times)."""
+    if isinstance(x, tuple):
+        return x
+    if x.dtype == jnp.bfloat16:
+        return x, None
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
 def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
-    """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation; precision from Backend.precision."""
+    """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation; precision from Backend.precision.
+
+    BF16X3: hi·hi + lo·hi + hi·lo over split_bf16 parts (lo·lo dropped), so a product takes three bf16 passes, two
+    when one operand is bf16 and one when both are: operands keep their own dtypes (a or b may be a split pair).
+    """
+    if isinstance(precision, str) and precision == BF16X3:
+        (a_hi, a_lo), (b_hi, b_lo) = split_bf16(a), split_bf16(b)
+        out = dot(a_hi, b_hi, ta=ta, tb=tb)
+        if a_lo is not None:
+            out = out + dot(a_lo, b_hi, ta=ta, tb=tb)
+        return out if b_lo is None else out + dot(a_hi, b_lo, ta=ta, tb=tb)
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 

@@ -8,7 +8,8 @@ prefix G [C] (M[t, s] = e^{G_t − G_s} for s ≤ t, else 0):
 One program per (head, chunk), all chunks at once (no carried state), so the same body serves Triton and Mosaic.
 The ops pair these kernels with the state passes of chunk_scan inside their own custom VJPs.
 Operands stay in the input dtype (bf16 in, tensor-core products with float32 accumulation) unless `exact`, which
-keeps float32 operands with float32-accurate products (GKA's read-out, whose queries are large).
+keeps float32 operands with more accurate products (GKA's read-out, whose queries are large); at the bf16x3 level
+each operand keeps its own dtype (float32 ones split in two bf16 parts, bf16 ones exact in one).
 
 Backward of O, with dA = scale·(dO Uᵀ) ∘ M and A = (Q Kᵀ) ∘ M:
     dQ = dA K + scale·e^G ∘ (dO Sᵀ),  dK = dAᵀ Q,  dU = scale·Aᵀ dO,
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._pallas import Backend, dot
+from pallas_kernels._pallas import BF16X3, Backend, dot
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages) per kernel: 4 and 8 warps timed on an H100 (BENCHMARKS.md).
@@ -44,6 +45,11 @@ def decay_matrix(gc, gr, strict=False):
     return jnp.exp(jnp.where(rows > cols if strict else rows >= cols, gc - gr, -jnp.inf))
 
 
+def _operand(x, dtype, precision):
+    """x as a product operand of dtype, except at the bf16x3 level, where operands keep their own dtypes."""
+    return x if isinstance(precision, str) and precision == BF16X3 else x.astype(dtype)
+
+
 def _total(x):
     """Sum of a 2-D tile as a (1, 1) tile (Mosaic reduces axis by axis)."""
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
@@ -53,8 +59,9 @@ def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, pre
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
     gc = gc_ref[...]
     mm = functools.partial(dot, precision=precision)
+    cast = functools.partial(_operand, precision=precision)
     a = mm(q, k, tb=True) * decay_matrix(gc, gr_ref[...])
-    o = jnp.exp(gc) * mm(q, s_ref[...].astype(q.dtype)) + mm(a.astype(u.dtype), u)
+    o = jnp.exp(gc) * mm(q, cast(s_ref[...], q.dtype)) + mm(cast(a, u.dtype), u)
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
@@ -63,17 +70,18 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     # Products in the queries' dtype, except those with u (float32 for the gated delta rule's corrected values).
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
     op = q.dtype
-    do_u, do = do_ref[...].astype(u.dtype), do_ref[...].astype(op)
+    cast = functools.partial(_operand, precision=precision)
+    do_u, do = cast(do_ref[...], u.dtype), cast(do_ref[...], op)
     gc = gc_ref[...]
-    s = s_ref[...].astype(op)
+    s = cast(s_ref[...], op)
     mm = functools.partial(dot, precision=precision)
     m = decay_matrix(gc, gr_ref[...])
     eg = jnp.exp(gc)
     a = mm(q, k, tb=True) * m
-    da = (scale * mm(do_u, u, tb=True) * m).astype(op)
+    da = cast(scale * mm(do_u, u, tb=True) * m, op)
     dq = mm(da, k) + scale * eg * mm(do, s, tb=True)
     dk = mm(da, q, ta=True)
-    du = scale * mm(a.astype(op), do, ta=True)
+    du = scale * mm(cast(a, op), do, ta=True)
     q32, k32 = q.astype(f32), k.astype(f32)
     dg = jnp.sum(q32 * dq, axis=-1, keepdims=True)
     c = gc.shape[0]
@@ -81,8 +89,8 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     g_end = jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)  # G_C as (1, 1)
     to_end = jnp.exp(g_end - gc)
     dnext = dnext_ref[...]
-    dk_state = to_end * mm(u, dnext.astype(u.dtype), tb=True)
-    du = du + to_end * mm(k, dnext.astype(op))
+    dk_state = to_end * mm(u, cast(dnext, u.dtype), tb=True)
+    du = du + to_end * mm(k, cast(dnext, op))
     d_end = _total(k32 * dk_state) + jnp.exp(g_end) * _total(s_ref[...].astype(f32) * dnext.astype(f32))
     dk = dk + dk_state
     dg = dg + jnp.where(last, d_end, 0)
@@ -124,16 +132,17 @@ def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False
     return call(*ins)
 
 
-def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale, exact=False, with_dw=False):
+def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale, exact=False, with_dw=False,
+                    grad_dtype=None):
     """(dq, dk, du, dG, dW): cotangents of output_forward's inputs and of the state-update terms, given dO and
     dnext [BH, N, K, V], the cotangent of the state leaving each chunk (see the module docstring).
 
     with_dw also returns dW = −dU Sᵀ for values corrected as u = ũ − W S (else None). dG is float32 [BH, N, C];
-    the others come in their inputs' layouts and dtypes.
+    the others come in their inputs' layouts and dtypes (grad_dtype, when given).
     """
     kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact))
     warps, stages = TRITON["bwd_dw" if with_dw else "bwd"]
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, grad_dtype or x.dtype)
     out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
     ins = (q, k, u, starts, *decay_views(prefix), do, dnext)
     outs = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins],

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_qkv, chunk_decay, einsum, from_chunks, from_head_chunks,
                                     pallas_prologue, resolve_impl, to_chunks)
-from pallas_kernels._pallas import Backend, backend_for, dot, pad_axis
+from pallas_kernels._pallas import BF16X3, Backend, backend_for, dot, pad_axis, split_bf16
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
@@ -114,39 +114,21 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
     return decay[..., None] * hx + mm("...cs,...sk->...ck", xk, k)
 
 
-def _split_bf16(x):
-    """float32 x as (hi, lo) bf16 with x ≈ hi + lo to 16 significant bits."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
-def _dot_bf16x3(a, b, **kw):
-    """a @ b from split operands: hi·hi + hi·lo + lo·hi on bf16 tensor cores, float32 accumulation (b_lo None:
-    b is exact in bf16, two passes)."""
-    (a_hi, a_lo), (b_hi, b_lo) = a, b
-    out = dot(a_hi, b_hi, **kw) + dot(a_lo, b_hi, **kw)
-    return out if b_lo is None else out + dot(a_hi, b_lo, **kw)
-
-
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision,
-                      keys_exact):
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
     """One chunk's Chebyshev solve with everything on chip for all iterations.
 
-    precision "bf16x3" (Triton): every product from bf16 hi/lo splits, H₀'s and the keys' split once per
-    program (keys_exact: bf16 keys, exact in one bf16 part, so their products take two passes, not three). Half the
-    shared memory of 3×TF32 operands (which asked for 256 KB at K = 128, more than a GPU has) and bf16 tensor-core
-    speed; the solve keeps ~16 significant bits (GKA's float32 output error 1–3e-4 against the reference at the same
-    num_iter, vs 6–11e-6 with float32 products and 1–2e-2 with TF32, measured on a CPU with the products emulated;
-    ≤ 6.4e-4 on an H100).
+    On Triton the products are bf16x3 (Backend.precision's level; H₀ split once per program, bf16 keys exact in one
+    part, so their products take two passes). Half the shared memory of 3×TF32 operands (which asked for 256 KB at
+    K = 128, more than a GPU has) and bf16 tensor-core speed; the solve keeps ~16 significant bits (GKA's float32
+    output error 1–3e-4 against the reference at the same num_iter, vs 6–11e-6 with float32 products and 1–2e-2
+    with TF32, measured on a CPU with the products emulated; ≤ 6.4e-4 on an H100).
     """
-    h0, decay, mask = h0_ref[...], decay_ref[...], mask_ref[...]
-    k = k_ref[...].astype(jnp.float32)
-    if precision == "bf16x3":
-        h0 = _split_bf16(h0)
-        k = (k.astype(jnp.bfloat16), None) if keys_exact else _split_bf16(k)
-        mm = lambda a, b, **kw: _dot_bf16x3(_split_bf16(a), b, **kw)
+    h0, decay, mask, k = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...]
+    if precision == BF16X3:
+        h0 = split_bf16(h0)
     else:
-        mm = partial(dot, precision=precision)
+        k = k.astype(jnp.float32)
+    mm = partial(dot, precision=precision)
 
     def apply_h(x):
         xk = mm(x, k, tb=True) * mask
@@ -165,12 +147,11 @@ def _chebyshev_pallas(solver, ops, rhs, lam, f):
     flat = lambda x, *tail: x.reshape(-1, *tail)
     h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
     k, x = (pad_axis(flat(a, c, dk), -1, kp) for a in (k, rhs))
+    k = k.astype(jnp.bfloat16) if solver.keys_exact else k  # exact: one bf16 part
     column = lambda a: flat(a, c, 1).astype(jnp.float32)
     args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
     spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    precision = "bf16x3" if backend.name == "triton" else backend.precision(exact=True)
-    k = k.astype(jnp.bfloat16) if solver.keys_exact else k
-    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=precision, keys_exact=solver.keys_exact)
+    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(BF16X3))
     x = backend.call(kernel, grid=(h0.shape[0],),
                      in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
                      out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -247,7 +228,7 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, 
     b, t, h, dk = q.shape
     q, k, _, g, prefix, mask_decay, h_kk = pallas_prologue("gka", q, k, None, g, h_kk, chunk_size)
     h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
-                       ScanConfig(exact="bf16x3"))
+                       ScanConfig(exact=BF16X3))
     decay = jnp.exp(prefix)
     f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
     x = _ridge_solve(_apply_chunk, Solver(num_iter, backend, keys_exact=keys_exact), (h0, decay, mask_decay, k),
@@ -312,13 +293,15 @@ def gka(q, k, v, alpha, g, *, scale=None, ridge_strength=0.02, num_iter=30, init
     impl = resolve_impl("gka", impl, dtype)
     h_kk, h_kv = _state_or_zeros(h_kk, h_kv, q, v, dtype)
     # One cast for every use: k feeds four paths whose gradients partly cancel; summed in float32 first.
-    keys_exact = k.dtype == jnp.bfloat16  # the solve's keys need no low bf16 part
+    # bf16 inputs: the solve's keys (and the read-out's keys and values) are exact in one bf16 part.
+    keys_exact, bf16_values = k.dtype == jnp.bfloat16, k.dtype == v.dtype == jnp.bfloat16
     q, k, v, alpha, g = (x.astype(dtype) for x in (q, k, v, alpha, g))
     if impl.startswith("pallas"):
         backend = backend_for(impl[7:])
         x, h_kk = _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, keys_exact)
         q_tilde = q + alpha[..., None] * (x - q)
-        o, h_kv = simple_gla_pallas(backend, q_tilde, k, v, g, h_kv, scale, chunk_size, exact="bf16x3")
+        o, h_kv = simple_gla_pallas(backend, q_tilde, k, v, g, h_kv, scale, chunk_size, exact=BF16X3,
+                                    bf16_values=bf16_values)
     elif impl == "reference":
         o, (h_kk, h_kv) = _reference(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter)
     else:

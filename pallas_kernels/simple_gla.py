@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
                                     from_kernel_state, kernel_chunking, kernel_state, prepare, resolve_impl,
                                     to_chunks, to_head_chunks)
-from pallas_kernels._pallas import backend_for, pad_axis
+from pallas_kernels._pallas import BF16X3, backend_for, pad_axis
 from pallas_kernels.chunk_output import output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, state_pass
 
@@ -58,44 +58,56 @@ def _chunked(q, k, v, g, state, scale, chunk_size):
     return from_chunks(scale * (inter + intra), t), state
 
 
-def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False):
+def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False, bf16_values=False):
     """The Pallas path on [B, T, H, ·] inputs, kept in their dtype and chunked as kernel_chunking says, feature
     dimensions at the backend's kernel widths. exact: more accurate matmuls (Backend.precision's levels; GKA's
-    read-out, whose queries are large)."""
+    read-out, whose queries are large). bf16_values: float32 k, v that hold bf16 values, with an output cast to
+    bf16 (so is its cotangent): at the bf16x3 level the kernels read them as bf16, exact in one part."""
     b, t = q.shape[:2]
     check_pallas_chunk("simple_gla", chunk_size)
     chunks, unchunk = kernel_chunking(backend)
     q, k = (pad_axis(chunks(x, chunk_size), -1, backend.width(x.shape[-1])) for x in (q, k))
     v_chunks = pad_axis(chunks(v, chunk_size), -1, backend.width(v.shape[-1]))
     prefix = jnp.cumsum(to_head_chunks(g.astype(jnp.float32), chunk_size), axis=-1)
-    o, final = _gla_chunks(backend, ScanConfig(exact=exact), scale, q, k, v_chunks, prefix,
+    narrow = bf16_values and backend.precision(exact) == BF16X3
+    o, final = _gla_chunks(backend, ScanConfig(exact=exact), scale, narrow, q, k, v_chunks, prefix,
                            kernel_state(backend, state))
     return unchunk(o[..., :v.shape[-1]], b, t), from_kernel_state(final, state.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _gla_chunks(backend, config, scale, q, k, v, prefix, s0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _gla_chunks(backend, config, scale, narrow, q, k, v, prefix, s0):
     """Simple GLA on chunked q, k, v (layouts as in chunk_output), the in-chunk log-decay prefix [BH, N, C] and
     s0 [BH, K, V]: the chunk_scan state pass, then every chunk's output in one chunk_output kernel.
+    narrow: the kernels read v (and the output's cotangent) as bf16, chunk_output also k (bf16_values in _pallas).
     Returns (o, final state)."""
-    return _gla_fwd(backend, config, scale, q, k, v, prefix, s0)[0]
+    return _gla_fwd(backend, config, scale, narrow, q, k, v, prefix, s0)[0]
 
 
-def _gla_fwd(backend, config, scale, q, k, v, prefix, s0):
+def _narrowed(narrow, *xs):
+    return tuple(x.astype(jnp.bfloat16) for x in xs) if narrow else xs
+
+
+def _gla_fwd(backend, config, scale, narrow, q, k, v, prefix, s0):
     end = prefix[..., -1:]
-    starts, final = state_pass(backend, config, k, v, None, jnp.exp(end[..., 0]), s0, key_scale=jnp.exp(end - prefix))
-    o = output_forward(backend, q, k, v, starts, prefix, scale, config.exact)
+    k_in, v_in = _narrowed(narrow, k, v)
+    # The state pass keeps float32 keys: it scales them by e^{G_C − G} in the kernel.
+    starts, final = state_pass(backend, config, k, v_in, None, jnp.exp(end[..., 0]), s0,
+                               key_scale=jnp.exp(end - prefix))
+    o = output_forward(backend, q, k_in, v_in, starts, prefix, scale, config.exact, out_dtype=v.dtype)
     return (o, final), (q, k, v, prefix, starts)
 
 
-def _gla_bwd(backend, config, scale, res, cts):
+def _gla_bwd(backend, config, scale, narrow, res, cts):
     # The state's cotangent runs backwards from the last chunk (dS_n = e^{G_C} dS_{n+1} + scale·(e^G ∘ Q)ᵀ dO);
     # the per-chunk gradients, state-update terms included, then come from one parallel kernel.
     q, k, v, prefix, starts = res
     do, dfinal = cts
-    dnext, ds0 = state_pass(backend, config, q, do.astype(v.dtype), None, jnp.exp(prefix[..., -1]),
+    k_in, v_in, do_in = _narrowed(narrow, k, v, do.astype(v.dtype))
+    dnext, ds0 = state_pass(backend, config, q, do_in, None, jnp.exp(prefix[..., -1]),
                             dfinal.astype(jnp.float32), reverse=True, key_scale=scale * jnp.exp(prefix))
-    dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, dnext, scale, config.exact)
+    dq, dk, dv, dprefix, _ = output_backward(backend, q, k_in, v_in, starts, prefix, do_in, dnext, scale,
+                                             config.exact, grad_dtype=v.dtype if narrow else None)
     return dq, dk, dv, dprefix, ds0
 
 

@@ -45,11 +45,14 @@ def inputs(op, b, t, h, dk, dv, with_state, seed=0):
     return [jnp.asarray(x, jnp.float32) for x in xs], jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), state)
 
 
-def gka_tolerance(op, variant):
+def gka_tolerance(op, variant, states=False):
     """float32 relative tolerance against the reference: GKA's x ≈ q/λ amplifies product rounding by up to the
-    solve's conditioning (1/r = 50); its Triton solve kernel takes bf16x3 products (~16 significant bits)."""
+    solve's conditioning (1/r = 50); its Triton kernels take bf16x3 products (~16 significant bits, emulated when
+    interpreted), which leave its final states ~7e-6 off (float32 products: ~1e-7)."""
     if op != "gka":
         return 1e-5
+    if states:
+        return 5e-5 if variant == "pallas_triton" else 1e-5
     return 1e-3 if variant == "pallas_triton" else 2e-4
 
 
@@ -70,7 +73,7 @@ def test_interpret_matches_reference(op, variant, shape):
     o, s = run(op, variant, xs, state)
     assert rel(o, o_ref) <= gka_tolerance(op, variant)
     for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(s_ref)):
-        assert rel(a, b) <= 1e-5
+        assert rel(a, b) <= gka_tolerance(op, variant, states=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -133,6 +136,22 @@ def test_kernel_pieces(variant):
     # Keys exact in bf16 (bf16 inputs): the Triton kernel drops their low parts; nothing else may change.
     ops = (*ops[:3], keys.astype(jnp.bfloat16).astype(jnp.float32))
     assert rel(solve(gka_module.Solver(10, backend, keys_exact=True)), solve(gka_module.Solver(10))) <= 1e-5
+
+
+def test_bf16x3_dot():
+    """Backend.precision's bf16x3 level: float32 operands split in two bf16 parts (~16 significant bits, where one
+    bf16 pass keeps ~8), bf16 operands exact in one part, split pairs reused as they are."""
+    from pallas_kernels._pallas import BF16X3, dot, split_bf16
+
+    rng = np.random.default_rng(3)
+    a, b = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((32, 64), (64, 48)))
+    exact = lambda x, y: np.asarray(x, np.float64) @ np.asarray(y, np.float64)
+    assert rel(dot(a, b, precision=BF16X3), exact(a, b)) <= 2e-5
+    assert rel(dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)), exact(a, b)) > 1e-3  # one pass is not enough
+    b16 = b.astype(jnp.bfloat16)
+    assert rel(dot(a, b16, precision=BF16X3), exact(a, b16.astype(jnp.float32))) <= 2e-5
+    assert rel(dot(split_bf16(a), b16, tb=False, precision=BF16X3), dot(a, b16, precision=BF16X3)) == 0
+    assert rel(dot(b16, a, ta=True, tb=True, precision=BF16X3), exact(b16.astype(jnp.float32).T, a.T)) <= 2e-5
 
 
 def kernel_layout(token_major, b, h):
