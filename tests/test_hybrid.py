@@ -158,15 +158,19 @@ def test_bad_layer_types(qwen3):
 
 
 def test_hybrid_on_pallas_kernels_matches_chunked(qwen3, rng):
-    """Every SSM layer type through the Pallas kernels (interpreted here, as impl='auto' runs them on GPUs)
-    gives the chunked form's logits and finite parameter gradients."""
+    """Every SSM layer type through the Pallas kernels (interpreted here) gives the chunked form's logits and
+    finite parameter gradients: to 1e-5 with the Mosaic variant's float32 products; the Triton variant (what
+    impl='auto' runs on GPUs) to 1e-2, since its GKA kernels take bf16x3 products: 2e-4 relative error in this
+    model's GKA output (as large as 30 vs 200 Chebyshev iterations: 1.8e-4), ~10× larger in its logits."""
     model, cfg = qwen3
     ids = jnp.asarray(rng.randint(0, cfg.vocab_size, size=(2, 21)))
     logits = {}
-    for impl in ("chunked", "pallas"):
+    for impl in ("chunked", "pallas_mosaic", "pallas"):
         hybrid, _ = prime(model, cfg, SSMConfig(("gka", "attention", "gdn", "mamba2"), chunk_size=16, impl=impl))
         logits[impl] = np.asarray(hybrid(ids))
-    assert np.abs(logits["pallas"] - logits["chunked"]).max() <= 1e-5 * np.abs(logits["chunked"]).max()
+    err = lambda impl: np.abs(logits[impl] - logits["chunked"]).max() / np.abs(logits["chunked"]).max()
+    assert err("pallas_mosaic") <= 1e-5
+    assert err("pallas") <= 1e-2
 
     graph, params, rest = nnx.split(hybrid, nnx.Param, ...)
     loss = lambda p: jnp.mean(nnx.merge(graph, p, rest)(ids) ** 2)
