@@ -201,10 +201,10 @@ def _wy_xla(k, v, beta, prefix):
 
 
 def components(b, t, h, d, repeats: int, num_iter: int) -> None:
-    """Time the kernels alone at one shape: chunk_scan with its backward (as GKA feeds it, float32), the state
+    """Time the kernels alone at one shape: chunk_scan with its backward (as GKA runs it: float32, bf16x3), the state
     pass in float32 and bf16 with and without correction keys, the gated delta rule's WY preparation (Pallas vs
-    float32 XLA, as the previous version ran it) and GKA's solve (Pallas kernel vs XLA)."""
-    from pallas_kernels._pallas import backend_for
+    float32 XLA, as the previous version ran it) and GKA's solve (Pallas kernel with float32 or bf16 keys vs XLA)."""
+    from pallas_kernels._pallas import BF16X3, backend_for
     from pallas_kernels.chunk_scan import ScanConfig, scan, state_pass
     from pallas_kernels.gka import Solver, _apply_chunk
 
@@ -215,8 +215,9 @@ def components(b, t, h, d, repeats: int, num_iter: int) -> None:
     kw, w, u = normal(bh, n, c, d, s=0.1), normal(bh, n, c, d, s=0.1), normal(bh, n, c, d)
     decay, s0 = jnp.full((bh, n), 0.9, jnp.float32), jnp.zeros((bh, d, d), jnp.float32)
     print("| component | fwd ms | fwd+bwd ms |\n|---|---|---|")
-    fwd = jax.jit(lambda *a: scan(backend, *a))
-    both = jax.jit(jax.grad(lambda *a: sum(jnp.sum(o) for o in scan(backend, *a)), argnums=(0, 1, 2)))
+    config = ScanConfig(exact=BF16X3)
+    fwd = jax.jit(lambda *a: scan(backend, *a, config))
+    both = jax.jit(jax.grad(lambda *a: sum(jnp.sum(o) for o in scan(backend, *a, config)), argnums=(0, 1, 2)))
     args = (kw, u, decay, s0)
     print(f"| chunk_scan (GKA's key statistics) | {median_ms(fwd, args, repeats):.3f} "
           f"| {median_ms(both, args, repeats):.3f} |")
@@ -237,13 +238,16 @@ def components(b, t, h, d, repeats: int, num_iter: int) -> None:
     ops = (jnp.einsum("...nj,...nk->...jk", past, past), jnp.ones((bh, n, c), jnp.float32),
            jnp.tril(jnp.ones((bh, n, c, c), jnp.float32)), kw)
     f = jnp.full((bh, n, c, 1), 3.0 * d**0.5, jnp.float32)
-    for name, solver in ((f"GKA solve, {num_iter} it, Pallas", Solver(num_iter, backend)),
-                         (f"GKA solve, {num_iter} it, XLA HIGHEST", Solver(num_iter)),
-                         (f"GKA solve, {num_iter} it, XLA {backend.precision(exact=True)}",
-                          Solver(num_iter, None, backend.precision(exact=True)))):
+    bf16_keys = (*ops[:3], kw.astype(jnp.bfloat16).astype(jnp.float32))  # as GKA's bf16 inputs give them
+    for name, solver, ops_ in ((f"GKA solve, {num_iter} it, Pallas", Solver(num_iter, backend), ops),
+                               (f"GKA solve, {num_iter} it, Pallas, bf16 keys",
+                                Solver(num_iter, backend, keys_exact=True), bf16_keys),
+                               (f"GKA solve, {num_iter} it, XLA HIGHEST", Solver(num_iter), ops),
+                               (f"GKA solve, {num_iter} it, XLA {backend.precision(exact=True)}",
+                                Solver(num_iter, None, backend.precision(exact=True)), ops)):
         solve = jax.jit(lambda *a, solver=solver: solver(_apply_chunk, a[:4], *a[4:]))
         try:
-            print(f"| {name} | {median_ms(solve, (*ops, u, 0.02 * f, f), repeats):.3f} | |")
+            print(f"| {name} | {median_ms(solve, (*ops_, u, 0.02 * f, f), repeats):.3f} | |")
         except Exception as e:  # noqa: BLE001 - e.g. more shared memory than the GPU has
             print(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | |")
 
