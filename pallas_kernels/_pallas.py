@@ -91,7 +91,7 @@ def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     BF16X3: hi·hi + lo·hi + hi·lo over split_bf16 parts (lo·lo dropped), so a product takes three bf16 passes, two
     when one operand is bf16 and one when both are: operands keep their own dtypes (a or b may be a split pair).
     """
-    if isinstance(precision, str) and precision == BF16X3:
+    if precision == BF16X3:
         (a_hi, a_lo), (b_hi, b_lo) = split_bf16(a), split_bf16(b)
         out = dot(a_hi, b_hi, ta=ta, tb=tb)
         if a_lo is not None:

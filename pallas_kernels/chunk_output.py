@@ -47,7 +47,7 @@ def decay_matrix(gc, gr, strict=False):
 
 def _operand(x, dtype, precision):
     """x as a product operand of dtype, except at the bf16x3 level, where operands keep their own dtypes."""
-    return x if isinstance(precision, str) and precision == BF16X3 else x.astype(dtype)
+    return x if precision == BF16X3 else x.astype(dtype)
 
 
 def _total(x):
