@@ -159,17 +159,3 @@ def kernel_state(backend, state):
 def from_kernel_state(state, shape):
     """kernel_state's inverse: cut the padding and restore [B, H, K, V] = shape."""
     return state[:, :shape[2], :shape[3]].reshape(shape)
-
-
-def pallas_prologue(op: str, q, k, v, g, state, chunk_size: int):
-    """GKA's Pallas solve's start: head-chunked float32 q, k, v (None stays None), log decays with their in-chunk
-    prefix and decay matrix, and the state in float32.
-
-    Upcasting bf16 inputs here (not only accumulating in float32) matters for the backward pass: each path's
-    gradient contribution would otherwise be rounded to bf16 before they are summed, and they partly cancel
-    (measured on a CPU, bf16 inputs: GKA's dk 1.1e-2 relative error with bf16 operands, 6.3e-3 with float32).
-    """
-    check_pallas_chunk(op, chunk_size)
-    q, k, v, g = (None if x is None else to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (q, k, v, g))
-    prefix, decay = chunk_decay(g)
-    return q, k, v, g, prefix, decay, state.astype(jnp.float32).reshape(-1, *state.shape[2:])

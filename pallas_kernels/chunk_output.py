@@ -126,9 +126,9 @@ def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
     o = jax.ShapeDtypeStruct((*q.shape[:-1], u.shape[-1]), out_dtype or u.dtype)
     ins = (q, k, u, starts, *decay_views(prefix))
-    call = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(o), out_shape=o,
-                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1],
-                        name="chunk_output_fwd")
+    call = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(o),
+                        out_shape=o, semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
+                        num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
     return call(*ins)
 
 
@@ -166,6 +166,6 @@ def local_values_grad(backend: Backend, q, k, do, prefix, scale, exact=False):
     kernel = functools.partial(_local_values_kernel, scale=scale, precision=backend.precision(exact))
     du = jax.ShapeDtypeStruct((*k.shape[:-1], do.shape[-1]), do.dtype)
     ins = (q, k, do, *decay_views(prefix))
-    return backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(du), out_shape=du,
-                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
+    return backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(du),
+                        out_shape=du, semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
                         num_stages=TRITON["fwd"][1], name="local_values_grad")(*ins)

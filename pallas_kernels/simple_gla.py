@@ -84,30 +84,27 @@ def _gla_chunks(backend, config, scale, narrow, q, k, v, prefix, s0):
     return _gla_fwd(backend, config, scale, narrow, q, k, v, prefix, s0)[0]
 
 
-def _narrowed(narrow, *xs):
-    return tuple(x.astype(jnp.bfloat16) for x in xs) if narrow else xs
-
-
 def _gla_fwd(backend, config, scale, narrow, q, k, v, prefix, s0):
     end = prefix[..., -1:]
-    k_in, v_in = _narrowed(narrow, k, v)
+    k_in, v_in = (k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)) if narrow else (k, v)
     # The state pass keeps float32 keys: it scales them by e^{G_C − G} in the kernel.
     starts, final = state_pass(backend, config, k, v_in, None, jnp.exp(end[..., 0]), s0,
                                key_scale=jnp.exp(end - prefix))
     o = output_forward(backend, q, k_in, v_in, starts, prefix, scale, config.exact, out_dtype=v.dtype)
-    return (o, final), (q, k, v, prefix, starts)
+    return (o, final), (q, k_in, v_in, prefix, starts)
 
 
 def _gla_bwd(backend, config, scale, narrow, res, cts):
     # The state's cotangent runs backwards from the last chunk (dS_n = e^{G_C} dS_{n+1} + scale·(e^G ∘ Q)ᵀ dO);
-    # the per-chunk gradients, state-update terms included, then come from one parallel kernel.
+    # the per-chunk gradients, state-update terms included, then come from one parallel kernel. k and v come as
+    # the kernels read them (bf16 when narrow, their float32 primals' gradients then in float32).
     q, k, v, prefix, starts = res
     do, dfinal = cts
-    k_in, v_in, do_in = _narrowed(narrow, k, v, do.astype(v.dtype))
-    dnext, ds0 = state_pass(backend, config, q, do_in, None, jnp.exp(prefix[..., -1]),
+    do = do.astype(v.dtype)
+    dnext, ds0 = state_pass(backend, config, q, do, None, jnp.exp(prefix[..., -1]),
                             dfinal.astype(jnp.float32), reverse=True, key_scale=scale * jnp.exp(prefix))
-    dq, dk, dv, dprefix, _ = output_backward(backend, q, k_in, v_in, starts, prefix, do_in, dnext, scale,
-                                             config.exact, grad_dtype=v.dtype if narrow else None)
+    dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, dnext, scale, config.exact,
+                                             grad_dtype=jnp.float32 if narrow else None)
     return dq, dk, dv, dprefix, ds0
 
 

@@ -7,8 +7,9 @@ Per chunk of C tokens with keys K [C, K], values V [C, V], β [C] and in-chunk l
 
 One program per (head, chunk), as in chunk_output, so the same body serves Triton and Mosaic. The forward builds
 A by [b, b] blocks straight from the keys, inverts the diagonal blocks by doubling block sizes (tensor-core
-products, no row-by-row substitution; see _diagonal_inverse) and the blocks below from them (b = 32 on Triton: 1.66 ms at T = 32768 on
-an H100 against 2.06 for b = 16 and 2.67 for b = C; b = C on Mosaic, whose lane dimension is 128 wide), and keeps
+products, no row-by-row substitution; see _diagonal_inverse) and the blocks below from them (b = 32 on Triton:
+1.66 ms at T = 32768 on an H100 against 2.06 for b = 16 and 2.67 for b = C; b = C on Mosaic, whose lane dimension
+is 128 wide), and keeps
 T in float32 for the backward. T's products are float32-accurate (`Backend.precision(exact=True)`: its entries
 grow where β kᵀk approaches 1); W and Ũ, rounded to the inputs' dtype, take default-precision products with it.
 
