@@ -101,6 +101,11 @@ def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def tile_sum(x):
+    """Sum of a 2-D tile as a (1, 1) tile (Mosaic reduces axis by axis)."""
+    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Triton blocks and tensor-core tiles want power-of-two sizes of at least 16."""
     return max(floor, 1 << (n - 1).bit_length())

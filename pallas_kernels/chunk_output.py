@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._pallas import BF16X3, Backend, dot
+from pallas_kernels._pallas import BF16X3, Backend, dot, tile_sum
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages) per kernel: 4 and 8 warps timed on an H100 (BENCHMARKS.md).
@@ -48,11 +48,6 @@ def decay_matrix(gc, gr, strict=False):
 def _operand(x, dtype, precision):
     """x as a product operand of dtype, except at the bf16x3 level, where operands keep their own dtypes."""
     return x if precision == BF16X3 else x.astype(dtype)
-
-
-def _total(x):
-    """Sum of a 2-D tile as a (1, 1) tile (Mosaic reduces axis by axis)."""
-    return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
 def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, precision):
@@ -91,7 +86,7 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     dnext = dnext_ref[...]
     dk_state = to_end * mm(u, cast(dnext, u.dtype), tb=True)
     du = du + to_end * mm(k, cast(dnext, op))
-    d_end = _total(k32 * dk_state) + jnp.exp(g_end) * _total(s_ref[...].astype(f32) * dnext.astype(f32))
+    d_end = tile_sum(k32 * dk_state) + jnp.exp(g_end) * tile_sum(s_ref[...].astype(f32) * dnext.astype(f32))
     dk = dk + dk_state
     dg = dg + jnp.where(last, d_end, 0)
     if dw_ref:  # u = ũ − W S (gated delta rule): dW = −dU Sᵀ

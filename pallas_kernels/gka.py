@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
                                     from_head_chunks, resolve_impl, to_chunks, to_head_chunks)
-from pallas_kernels._pallas import BF16X3, Backend, backend_for, dot, pad_axis, split_bf16
+from pallas_kernels._pallas import BF16X3, Backend, backend_for, dot, pad_axis, split_bf16, tile_sum
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
@@ -210,6 +210,94 @@ def _chunk_frobenius(h0, decay, mask_decay, k):
     return _safe_sqrt(f2)
 
 
+def _frobenius_terms(h0, decay, mask, k, mm):
+    """In-kernel pieces of _chunk_frobenius for one chunk: ‖H_t‖_F² [C, 1] and what its VJP reuses."""
+    k32 = k.astype(jnp.float32)
+    kh = mm(k, h0)  # rows k_s H₀
+    khk = kh * k32  # row sums: k_sᵀ H₀ k_s
+    kk = mm(k, k, tb=True)
+    mw = mm(mask, kk * kk)  # Σ_s M[t,s] (k_s·k_u)²
+    mc = jnp.sum(mm(mask, khk), axis=1, keepdims=True)  # Σ_s M[t,s] k_sᵀ H₀ k_s
+    h0_sq = tile_sum(h0 * h0)
+    f2 = decay * decay * h0_sq + 2 * decay * mc + jnp.sum(mw * mask, axis=1, keepdims=True)
+    return f2, (k32, kh, khk, kk, mw, mc, h0_sq)
+
+
+def _frobenius_fwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, *, precision):
+    mm = partial(dot, precision=precision)
+    f2, _ = _frobenius_terms(h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], mm)
+    f_ref[...] = _safe_sqrt(f2)
+
+
+def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
+                          *, precision):
+    """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
+    mm = partial(dot, precision=precision)
+    h0, decay, mask, k, f = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], f_ref[...]
+    _, (k32, kh, khk, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
+    pos = f > 0
+    df2 = jnp.where(pos, df_ref[...] / (2 * jnp.where(pos, f, 1)), 0)
+    v = 2 * df2 * decay
+    ddecay_ref[...] = 2 * df2 * (decay * h0_sq + mc)
+    w = mm(mask, v * jnp.ones_like(k32), ta=True)  # every column: w_s = Σ_t M[t,s] v_t
+    dh0_ref[...] = 2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, k, ta=True)
+    d_kk = 2 * kk * mm(mask, df2 * mask, ta=True)
+    dk_ref[...] = w * (kh + mm(k, h0, tb=True)) + 2 * mm(d_kk, k)
+    dmask_ref[...] = mm(v * jnp.ones_like(k32), khk, tb=True) + 2 * df2 * mw
+
+
+def _chunk_spec(*shape):
+    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
+    """_chunk_frobenius (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as a Pallas kernel per
+    chunk, and its VJP as another. With f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u],
+    c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ) and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s);
+    with v = 2 df2 ∘ d and w = Mᵀv: dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
+    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. keys_exact: k holds bf16 values (read as bf16)."""
+    return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
+
+
+def _frobenius_args(backend, keys_exact, h0, decay, mask, k):
+    lead, (c, dk) = k.shape[:-2], k.shape[-2:]
+    kp = backend.width(dk)
+    flat = lambda x, *tail: x.reshape(-1, *tail)
+    h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
+    args = (h0, flat(decay, c, 1).astype(jnp.float32), flat(mask, c, c).astype(jnp.float32),
+            pad_axis(flat(k, c, dk), -1, kp).astype(jnp.bfloat16 if keys_exact else jnp.float32))
+    return args, lead, c, dk, kp
+
+
+def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):
+    args, lead, c, dk, kp = _frobenius_args(backend, keys_exact, h0, decay, mask, k)
+    kernel = partial(_frobenius_fwd_kernel, precision=backend.precision(BF16X3))
+    f = backend.call(kernel, grid=(args[0].shape[0],),
+                     in_specs=[_chunk_spec(kp, kp), _chunk_spec(c, 1), _chunk_spec(c, c), _chunk_spec(c, kp)],
+                     out_specs=_chunk_spec(c, 1), out_shape=jax.ShapeDtypeStruct((args[0].shape[0], c, 1), jnp.float32),
+                     semantics=("parallel",), name="gka_frobenius")(*args)
+    return f.reshape(*lead, c), (h0, decay, mask, k, f)
+
+
+def _frobenius_bwd(backend, keys_exact, res, df):
+    h0, decay, mask, k, f = res
+    args, lead, c, dk, kp = _frobenius_args(backend, keys_exact, h0, decay, mask, k)
+    shapes = [(kp, kp), (c, 1), (c, c), (c, kp)]
+    kernel = partial(_frobenius_bwd_kernel, precision=backend.precision(BF16X3))
+    grads = backend.call(kernel, grid=(args[0].shape[0],),
+                         in_specs=[_chunk_spec(*s) for s in shapes + [(c, 1), (c, 1)]],
+                         out_specs=[_chunk_spec(*s) for s in shapes],
+                         out_shape=[jax.ShapeDtypeStruct((args[0].shape[0], *s), jnp.float32) for s in shapes],
+                         semantics=("parallel",), name="gka_frobenius_bwd")(*args, f, df.reshape(f.shape))
+    dh0, ddecay, dmask, dk_ = grads
+    return (dh0[:, :dk, :dk].reshape(h0.shape).astype(h0.dtype), ddecay.reshape(decay.shape).astype(decay.dtype),
+            dmask.reshape(mask.shape).astype(mask.dtype), dk_[..., :dk].reshape(k.shape).astype(k.dtype))
+
+
+_frobenius_pallas.defvjp(_frobenius_fwd, _frobenius_bwd)
+
+
 def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
     """x_t ≈ (H_t + λ_t I)⁻¹ q_t for all tokens ([B, T, H, K]) and the final H, chunk by chunk."""
     t = q.shape[1]
@@ -236,7 +324,7 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, 
     h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
                        ScanConfig(exact=BF16X3))
     decay = jnp.exp(prefix)
-    f = _chunk_frobenius(h0, decay, mask_decay, k)[..., None]
+    f = _frobenius_pallas(backend, keys_exact, h0, decay, mask_decay, k)[..., None]
     x = _ridge_solve(_apply_chunk, Solver(num_iter, backend, keys_exact=keys_exact), (h0, decay, mask_decay, k),
                       ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)

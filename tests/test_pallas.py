@@ -138,6 +138,30 @@ def test_kernel_pieces(variant):
     assert rel(solve(gka_module.Solver(10, backend, keys_exact=True)), solve(gka_module.Solver(10))) <= 1e-5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("keys_exact", [False, True])
+def test_gka_frobenius_kernels(variant, keys_exact):
+    """GKA's ‖H_t‖_F kernel and its VJP kernel against XLA autodiff of the chunked form's formula, with a slightly
+    asymmetric H₀ (its gradient takes H₀ + H₀ᵀ) and K not a power of two."""
+    backend = Backend(variant[7:], interpret=True)
+    rng = np.random.default_rng(4)
+    bh, n, c, k = 2, 3, 16, 24
+    keys = jnp.asarray(rng.standard_normal((bh, n, c, k)) / np.sqrt(k), jnp.float32)
+    keys = keys.astype(jnp.bfloat16).astype(jnp.float32) if keys_exact else keys
+    past = jnp.asarray(rng.standard_normal((bh, n, 3 * k, k)) / np.sqrt(k), jnp.float32)
+    h0 = jnp.einsum("...nj,...nk->...jk", past, past) + jnp.asarray(rng.standard_normal((bh, n, k, k)) * 0.01,
+                                                                     jnp.float32)
+    prefix = jnp.cumsum(-jnp.abs(jnp.asarray(rng.standard_normal((bh, n, c)) * 0.1, jnp.float32)), axis=-1)
+    ops = (h0, jnp.exp(prefix), jnp.tril(jnp.exp(prefix[..., :, None] - prefix[..., None, :])), keys)
+    df = jnp.asarray(rng.standard_normal((bh, n, c)), jnp.float32)
+    ref, ref_vjp = jax.vjp(gka_module._chunk_frobenius, *ops)
+    f, vjp = jax.vjp(lambda *a: gka_module._frobenius_pallas(backend, keys_exact, *a), *ops)
+    tol = 2e-5 if variant == "pallas_triton" else 1e-6  # bf16x3 products (~16 bits) on Triton
+    assert rel(f, ref) <= tol
+    for a, b in zip(vjp(df), ref_vjp(df)):
+        assert rel(a, b) <= tol
+
+
 def test_bf16x3_dot():
     """Backend.precision's bf16x3 level: float32 operands split in two bf16 parts (~16 significant bits, where one
     bf16 pass keeps ~8), bf16 operands exact in one part, split pairs reused as they are."""
@@ -252,8 +276,8 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
     # Under grad of a sum the forward output kernel is dead code; what remains: simple_gla: the state pass both
     # ways and chunk_output's backward; gated_delta_rule: the WY preparation both ways, the state pass, the
     # chunk-local value gradient, its reverse pass and chunk_output's backward; GKA: both simple_gla passes plus its key
-    # statistics' pass and backward, and the Chebyshev kernel both ways.
-    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 7}[op]
+    # statistics' pass and backward, the ‖H_t‖_F kernel and its VJP kernel, and the Chebyshev kernel both ways.
+    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 9}[op]
     assert text.count(target) == want
 
 
