@@ -69,6 +69,12 @@ class Solver:
             return _chebyshev(partial(apply_h, ops, precision=self.precision), rhs, lam, f, self.num_iter)
         return _chebyshev_pallas(self, ops, rhs, lam, f)
 
+    def operator_vjp(self, apply_h, ops, x, ct):
+        """The cotangent of ops for ct on apply_h(ops, x): XLA autodiff, or the Pallas kernel (chunk operators)."""
+        if self.backend is None:
+            return jax.vjp(lambda o: apply_h(o, x), ops)[1](ct)[0]
+        return _chunk_grads(self.backend, _operator_vjp_kernel, "gka_operator_vjp", ops, self.keys_exact, x, ct)
+
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ridge_solve(apply_h, solver, ops, lam, f, q):
@@ -91,8 +97,7 @@ def _ridge_solve_bwd(apply_h, solver, res, dx):
     ops, lam, f, x = res
     has_keys = f > 0
     dq = jnp.where(has_keys, solver(apply_h, ops, dx, lam, f), 0)
-    _, vjp = jax.vjp(lambda o: apply_h(o, x), ops)
-    (dops,) = vjp(-dq)
+    dops = solver.operator_vjp(apply_h, ops, x, -dq)
     dlam = -jnp.sum(dq * x, axis=-1, keepdims=True)
     return dops, dlam, jnp.zeros_like(f), jnp.where(has_keys, dq, dx)
 
@@ -246,6 +251,20 @@ def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0
     dmask_ref[...] = mm(v * jnp.ones_like(k32), khk, tb=True) + 2 * df2 * mw
 
 
+def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
+                         *, precision):
+    """The cotangent of (H₀, decay, M, K) for y on _apply_chunk's rows x: out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
+    so dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
+    dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X."""
+    mm = partial(dot, precision=precision)
+    h0, decay, mask, k, x, y = (r[...] for r in (h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref))
+    dh0_ref[...] = mm(decay * y, x, ta=True)
+    ddecay_ref[...] = jnp.sum(y * mm(x, h0, tb=True), axis=1, keepdims=True)
+    xk, yk = mm(x, k, tb=True), mm(y, k, tb=True)
+    dmask_ref[...] = xk * yk
+    dk_ref[...] = mm(xk * mask, y, ta=True) + mm(yk * mask, x, ta=True)
+
+
 def _chunk_spec(*shape):
     return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
 
@@ -260,39 +279,49 @@ def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
     return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
 
 
-def _frobenius_args(backend, keys_exact, h0, decay, mask, k):
-    lead, (c, dk) = k.shape[:-2], k.shape[-2:]
+def _chunk_operands(backend, keys_exact, h0, decay, mask, k):
+    """GKA's chunk operators (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as kernel inputs,
+    one chunk per leading index, K padded to the backend's width (keys as bf16 when they hold bf16 values)."""
+    c, dk = k.shape[-2:]
     kp = backend.width(dk)
     flat = lambda x, *tail: x.reshape(-1, *tail)
     h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
-    args = (h0, flat(decay, c, 1).astype(jnp.float32), flat(mask, c, c).astype(jnp.float32),
+    return (h0, flat(decay, c, 1).astype(jnp.float32), flat(mask, c, c).astype(jnp.float32),
             pad_axis(flat(k, c, dk), -1, kp).astype(jnp.bfloat16 if keys_exact else jnp.float32))
-    return args, lead, c, dk, kp
+
+
+def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
+    """Run a per-chunk VJP kernel on the chunk operators and row inputs [..., C, K or 1] (K padded like the keys);
+    returns the cotangents of the operators in their shapes and dtypes."""
+    args = _chunk_operands(backend, keys_exact, *ops)
+    n, (c, kp), dk = args[0].shape[0], args[3].shape[1:], ops[3].shape[-1]
+    rows = [pad_axis(r.reshape(n, c, r.shape[-1]).astype(jnp.float32), -1, kp if r.shape[-1] == dk else 1)
+            for r in rows]
+    shapes = [(kp, kp), (c, 1), (c, c), (c, kp)]
+    grads = backend.call(partial(kernel, precision=backend.precision(BF16X3)), grid=(n,),
+                         in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
+                         out_specs=[_chunk_spec(*s) for s in shapes],
+                         out_shape=[jax.ShapeDtypeStruct((n, *s), jnp.float32) for s in shapes],
+                         semantics=("parallel",), name=name)(*args, *rows)
+    unpad = (lambda g: g[:, :dk, :dk], lambda g: g, lambda g: g, lambda g: g[..., :dk])
+    return tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
 
 
 def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):
-    args, lead, c, dk, kp = _frobenius_args(backend, keys_exact, h0, decay, mask, k)
+    args = _chunk_operands(backend, keys_exact, h0, decay, mask, k)
+    n, c = args[0].shape[0], k.shape[-2]
     kernel = partial(_frobenius_fwd_kernel, precision=backend.precision(BF16X3))
-    f = backend.call(kernel, grid=(args[0].shape[0],),
-                     in_specs=[_chunk_spec(kp, kp), _chunk_spec(c, 1), _chunk_spec(c, c), _chunk_spec(c, kp)],
-                     out_specs=_chunk_spec(c, 1), out_shape=jax.ShapeDtypeStruct((args[0].shape[0], c, 1), jnp.float32),
+    f = backend.call(kernel, grid=(n,), in_specs=[_chunk_spec(*a.shape[1:]) for a in args],
+                     out_specs=_chunk_spec(c, 1), out_shape=jax.ShapeDtypeStruct((n, c, 1), jnp.float32),
                      semantics=("parallel",), name="gka_frobenius")(*args)
-    return f.reshape(*lead, c), (h0, decay, mask, k, f)
+    f = f.reshape(k.shape[:-1])
+    return f, (h0, decay, mask, k, f)
 
 
 def _frobenius_bwd(backend, keys_exact, res, df):
     h0, decay, mask, k, f = res
-    args, lead, c, dk, kp = _frobenius_args(backend, keys_exact, h0, decay, mask, k)
-    shapes = [(kp, kp), (c, 1), (c, c), (c, kp)]
-    kernel = partial(_frobenius_bwd_kernel, precision=backend.precision(BF16X3))
-    grads = backend.call(kernel, grid=(args[0].shape[0],),
-                         in_specs=[_chunk_spec(*s) for s in shapes + [(c, 1), (c, 1)]],
-                         out_specs=[_chunk_spec(*s) for s in shapes],
-                         out_shape=[jax.ShapeDtypeStruct((args[0].shape[0], *s), jnp.float32) for s in shapes],
-                         semantics=("parallel",), name="gka_frobenius_bwd")(*args, f, df.reshape(f.shape))
-    dh0, ddecay, dmask, dk_ = grads
-    return (dh0[:, :dk, :dk].reshape(h0.shape).astype(h0.dtype), ddecay.reshape(decay.shape).astype(decay.dtype),
-            dmask.reshape(mask.shape).astype(mask.dtype), dk_[..., :dk].reshape(k.shape).astype(k.dtype))
+    return _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", (h0, decay, mask, k), keys_exact,
+                        f[..., None], df[..., None])
 
 
 _frobenius_pallas.defvjp(_frobenius_fwd, _frobenius_bwd)

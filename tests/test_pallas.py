@@ -140,9 +140,10 @@ def test_kernel_pieces(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("keys_exact", [False, True])
-def test_gka_frobenius_kernels(variant, keys_exact):
-    """GKA's ‖H_t‖_F kernel and its VJP kernel against XLA autodiff of the chunked form's formula, with a slightly
-    asymmetric H₀ (its gradient takes H₀ + H₀ᵀ) and K not a power of two."""
+def test_gka_chunk_kernels_against_autodiff(variant, keys_exact):
+    """GKA's ‖H_t‖_F kernel with its VJP kernel, and the solve operator's VJP kernel (the implicit backward's
+    dA = −dq xᵀ), against XLA autodiff of the chunked form's formulas; a slightly asymmetric H₀ (the gradients
+    take H₀ and H₀ᵀ apart), K not a power of two, large x as the solve gives."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(4)
     bh, n, c, k = 2, 3, 16, 24
@@ -159,6 +160,12 @@ def test_gka_frobenius_kernels(variant, keys_exact):
     tol = 2e-5 if variant == "pallas_triton" else 1e-6  # bf16x3 products (~16 bits) on Triton
     assert rel(f, ref) <= tol
     for a, b in zip(vjp(df), ref_vjp(df)):
+        assert rel(a, b) <= tol
+    x = jnp.asarray(rng.standard_normal((bh, n, c, k)) * 30, jnp.float32)
+    y = jnp.asarray(rng.standard_normal((bh, n, c, k)), jnp.float32)
+    want = gka_module.Solver(10).operator_vjp(gka_module._apply_chunk, ops, x, y)
+    got = gka_module.Solver(10, backend, keys_exact=keys_exact).operator_vjp(gka_module._apply_chunk, ops, x, y)
+    for a, b in zip(got, want):
         assert rel(a, b) <= tol
 
 
@@ -276,8 +283,9 @@ def test_kernels_lower_for_their_hardware(op, variant, platform, monkeypatch):
     # Under grad of a sum the forward output kernel is dead code; what remains: simple_gla: the state pass both
     # ways and chunk_output's backward; gated_delta_rule: the WY preparation both ways, the state pass, the
     # chunk-local value gradient, its reverse pass and chunk_output's backward; GKA: both simple_gla passes plus its key
-    # statistics' pass and backward, the ‖H_t‖_F kernel and its VJP kernel, and the Chebyshev kernel both ways.
-    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 9}[op]
+    # statistics' pass and backward, the ‖H_t‖_F kernel and its VJP kernel, the Chebyshev kernel both ways and the
+    # solve operator's VJP kernel.
+    want = {"simple_gla": 3, "gated_delta_rule": 6, "gka": 10}[op]
     assert text.count(target) == want
 
 
