@@ -142,26 +142,40 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     x_ref[...] = _chebyshev(apply_h, rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...], num_iter)
 
 
-def _chebyshev_pallas(solver, ops, rhs, lam, f):
-    """The chunk operator's solve as a Pallas kernel: one program per chunk. ops as for _apply_chunk, with
-    leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
-    backend, num_iter = solver.backend, solver.num_iter
-    h0, decay, mask, k = ops
-    lead, (c, dk) = rhs.shape[:-2], rhs.shape[-2:]
+def _chunk_spec(*shape):
+    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+
+
+def _chunk_operands(backend, keys_exact, h0, decay, mask, k):
+    """GKA's chunk operators (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as kernel inputs,
+    one chunk per leading index, K padded to the backend's width (keys as bf16 when they hold bf16 values)."""
+    c, dk = k.shape[-2:]
     kp = backend.width(dk)
     flat = lambda x, *tail: x.reshape(-1, *tail)
     h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
-    k, x = (pad_axis(flat(a, c, dk), -1, kp) for a in (k, rhs))
-    k = k.astype(jnp.bfloat16) if solver.keys_exact else k  # exact: one bf16 part
-    column = lambda a: flat(a, c, 1).astype(jnp.float32)
-    args = (h0, column(decay), flat(mask, c, c).astype(jnp.float32), k, x, column(lam), column(f))
-    spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    kernel = partial(_chebyshev_kernel, num_iter=num_iter, precision=backend.precision(BF16X3))
-    x = backend.call(kernel, grid=(h0.shape[0],),
-                     in_specs=[spec(kp, kp), spec(c, 1), spec(c, c), spec(c, kp), spec(c, kp), spec(c, 1), spec(c, 1)],
-                     out_specs=spec(c, kp), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                     semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args)
-    return x[..., :dk].reshape(*lead, c, dk)
+    return (h0, flat(decay, c, 1).astype(jnp.float32), flat(mask, c, c).astype(jnp.float32),
+            pad_axis(flat(k, c, dk), -1, kp).astype(jnp.bfloat16 if keys_exact else jnp.float32))
+
+
+def _chunk_rows(args, dk, *rows):
+    """Row inputs [..., C, K or 1] of the per-chunk kernels as [chunks, C, ·] float32, K padded like the keys."""
+    n, (c, kp) = args[0].shape[0], args[3].shape[1:]
+    return [pad_axis(r.reshape(n, c, r.shape[-1]).astype(jnp.float32), -1, kp if r.shape[-1] == dk else 1)
+            for r in rows]
+
+
+def _chebyshev_pallas(solver, ops, rhs, lam, f):
+    """The chunk operator's solve as a Pallas kernel: one program per chunk. ops as for _apply_chunk, with
+    leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
+    backend = solver.backend
+    args = _chunk_operands(backend, solver.keys_exact, *ops)
+    rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
+    kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=backend.precision(BF16X3))
+    x = backend.call(kernel, grid=(args[0].shape[0],), in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
+                     out_specs=_chunk_spec(*rows[0].shape[1:]),
+                     out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
+                     semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args, *rows)
+    return x[..., :rhs.shape[-1]].reshape(rhs.shape)
 
 
 def _token_update(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter):
@@ -265,10 +279,6 @@ def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref, dh0_r
     dk_ref[...] = mm(xk * mask, y, ta=True) + mm(yk * mask, x, ta=True)
 
 
-def _chunk_spec(*shape):
-    return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
     """_chunk_frobenius (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as a Pallas kernel per
@@ -279,24 +289,12 @@ def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
     return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
 
 
-def _chunk_operands(backend, keys_exact, h0, decay, mask, k):
-    """GKA's chunk operators (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as kernel inputs,
-    one chunk per leading index, K padded to the backend's width (keys as bf16 when they hold bf16 values)."""
-    c, dk = k.shape[-2:]
-    kp = backend.width(dk)
-    flat = lambda x, *tail: x.reshape(-1, *tail)
-    h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
-    return (h0, flat(decay, c, 1).astype(jnp.float32), flat(mask, c, c).astype(jnp.float32),
-            pad_axis(flat(k, c, dk), -1, kp).astype(jnp.bfloat16 if keys_exact else jnp.float32))
-
-
 def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
     """Run a per-chunk VJP kernel on the chunk operators and row inputs [..., C, K or 1] (K padded like the keys);
     returns the cotangents of the operators in their shapes and dtypes."""
     args = _chunk_operands(backend, keys_exact, *ops)
     n, (c, kp), dk = args[0].shape[0], args[3].shape[1:], ops[3].shape[-1]
-    rows = [pad_axis(r.reshape(n, c, r.shape[-1]).astype(jnp.float32), -1, kp if r.shape[-1] == dk else 1)
-            for r in rows]
+    rows = _chunk_rows(args, dk, *rows)
     shapes = [(kp, kp), (c, 1), (c, c), (c, kp)]
     grads = backend.call(partial(kernel, precision=backend.precision(BF16X3)), grid=(n,),
                          in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
