@@ -63,6 +63,8 @@ class Solver:
     backend: Backend | None = None
     precision: object = jax.lax.Precision.HIGHEST
     keys_exact: bool = False
+    block_rows: int = 64  # rows of a chunk per kernel program (rows are independent; fewer ease register pressure)
+    num_warps: int = 4
 
     def __call__(self, apply_h, ops, rhs, lam, f):
         if self.backend is None:
@@ -165,16 +167,22 @@ def _chunk_rows(args, dk, *rows):
 
 
 def _chebyshev_pallas(solver, ops, rhs, lam, f):
-    """The chunk operator's solve as a Pallas kernel: one program per chunk. ops as for _apply_chunk, with
-    leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
+    """The chunk operator's solve as a Pallas kernel: solver.block_rows rows of a chunk per program (rows are
+    independent). ops as for _apply_chunk, with leading axes [..., C, ...]; the Triton variant pads K to a power
+    of two (zero columns solve to zero)."""
     backend = solver.backend
     args = _chunk_operands(backend, solver.keys_exact, *ops)
     rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
+    c = args[2].shape[1]
+    block_rows = solver.block_rows if c % solver.block_rows == 0 else c
+    whole = lambda a: pl.BlockSpec((None, *a.shape[1:]), lambda i, j: (i,) + (0,) * (a.ndim - 1))
+    block = lambda a: pl.BlockSpec((None, block_rows, a.shape[-1]), lambda i, j: (i, j, 0))
+    h0, decay, mask, k = args
     kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=backend.precision(BF16X3))
-    x = backend.call(kernel, grid=(args[0].shape[0],), in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
-                     out_specs=_chunk_spec(*rows[0].shape[1:]),
-                     out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
-                     semantics=("parallel",), num_warps=4, name="gka_chebyshev")(*args, *rows)
+    x = backend.call(kernel, grid=(args[0].shape[0], c // block_rows),
+                     in_specs=[whole(h0), block(decay), block(mask), whole(k)] + [block(r) for r in rows],
+                     out_specs=block(rows[0]), out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
+                     semantics=("parallel", "parallel"), num_warps=solver.num_warps, name="gka_chebyshev")(*args, *rows)
     return x[..., :rhs.shape[-1]].reshape(rhs.shape)
 
 

@@ -136,6 +136,8 @@ def test_kernel_pieces(variant):
     # Keys exact in bf16 (bf16 inputs): the Triton kernel drops their low parts; nothing else may change.
     ops = (*ops[:3], keys.astype(jnp.bfloat16).astype(jnp.float32))
     assert rel(solve(gka_module.Solver(10, backend, keys_exact=True)), solve(gka_module.Solver(10))) <= 1e-5
+    # A chunk's rows split over programs (rows are independent): the same solve.
+    assert rel(solve(gka_module.Solver(10, backend, block_rows=8)), solve(gka_module.Solver(10))) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
