@@ -43,25 +43,37 @@ def acc_dtype(*arrays) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
-def check_qkv(op: str, q, k, v, gates: dict, initial_state, *, step: bool = False):
+def check_qkv(op: str, q, k, v, gates: dict, initial_state, *, step: bool = False, grouped: bool = False):
     """Validate q, k [.., H, K], v [.., H, V], per-head gates [.., H] and a state [B, H, K, V].
 
-    Sequence ops use [B, T, H, D] layouts; decode steps (step=True) drop the T axis.
+    Sequence ops use [B, T, H, D] layouts; decode steps (step=True) drop the T axis. grouped: q and k may each have
+    fewer heads, a divisor of v's H (head h reads their head h // (H / their heads), as jnp.repeat would give it):
+    Mamba-2's B and C groups, grouped-query attention.
     """
     lead = "B, H" if step else "B, T, H"
     if q.ndim != lead.count(",") + 2:
         raise ValueError(f"{op}: q has shape {q.shape}; expected [{lead}, K]")
-    if k.shape != q.shape:
+    same_heads = lambda x: x.shape[-2] == q.shape[-2] or grouped
+    if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1] or not same_heads(k):
         raise ValueError(f"{op}: k has shape {k.shape} but q has {q.shape}; expected [{lead}, K]")
-    if v.shape[:-1] != q.shape[:-1]:
+    if v.ndim != q.ndim or v.shape[:-2] != q.shape[:-2] or not same_heads(v):
         raise ValueError(f"{op}: v has shape {v.shape} but q has {q.shape}; expected [{lead}, V]")
+    heads = v.shape[-2]
+    for name, x in (("q", q), ("k", k)):
+        if heads % x.shape[-2]:
+            raise ValueError(f"{op}: {name} has {x.shape[-2]} heads, not a divisor of v's {heads} ({v.shape})")
     for name, gate in gates.items():
-        if gate.shape != q.shape[:-1]:
-            raise ValueError(f"{op}: {name} has shape {gate.shape}; expected {q.shape[:-1]} ([{lead}])")
+        if gate.shape != v.shape[:-1]:
+            raise ValueError(f"{op}: {name} has shape {gate.shape}; expected {v.shape[:-1]} ([{lead}])")
     if initial_state is not None:
-        want = (q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1])
+        want = (q.shape[0], heads, q.shape[-1], v.shape[-1])
         if initial_state.shape != want:
             raise ValueError(f"{op}: state has shape {initial_state.shape}; expected {want} ([B, H, K, V])")
+
+
+def repeat_heads(x, heads: int):
+    """A grouped [.., Hx, D] input as [.., heads, D] (check_qkv's grouping; no copy when Hx = heads)."""
+    return x if x.shape[-2] == heads else jnp.repeat(x, heads // x.shape[-2], axis=-2)
 
 
 def to_chunks(x, chunk_size: int):
@@ -97,7 +109,7 @@ def prepare(op: str, q, k, v, initial_state, scale, chunk_size: int):
     if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
     dtype, out_dtype = acc_dtype(q, k, v), v.dtype
-    b, _, h, dk = q.shape
+    b, _, h, dk = (*q.shape[:2], v.shape[2], q.shape[3])
     scale = dk**-0.5 if scale is None else scale
     if initial_state is None:
         state = jnp.zeros((b, h, dk, v.shape[-1]), dtype)

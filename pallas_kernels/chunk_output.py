@@ -50,8 +50,11 @@ def _operand(x, dtype, precision):
     return x if precision == BF16X3 else x.astype(dtype)
 
 
-def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, o_ref, *, scale, precision):
+def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, *refs, scale, precision):
+    *scale_ref, o_ref = refs  # optional per-token value scales [C, 1]
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
+    if scale_ref:
+        u = (u * scale_ref[0][...]).astype(u.dtype)
     gc = gc_ref[...]
     mm = functools.partial(dot, precision=precision)
     cast = functools.partial(_operand, precision=precision)
@@ -97,17 +100,25 @@ def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, d
     dg_ref[...] = dg - jnp.sum(k32 * dk, axis=-1, keepdims=True)
 
 
-def chunk_tile(x):
+def chunk_tile(x, heads=None):
     """One (head, chunk) block of x: head-chunked [BH, N, C, ·] (also states [BH, N, K, V] and decays) or
-    token-major [B, N, C, H, ·] (Triton: an op's [B, T, H, ·] reshaped, read in place)."""
+    token-major [B, N, C, H, ·] (Triton: an op's [B, T, H, ·] reshaped, read in place). A token-major x with fewer
+    heads than the grid's (grouped q or k, check_qkv) is read in place by every head of its group."""
     if x.ndim == 5:
-        heads = x.shape[3]
-        return pl.BlockSpec((None, None, x.shape[2], None, x.shape[4]), lambda b, n: (b // heads, n, 0, b % heads, 0))
+        heads = heads or x.shape[3]
+        group = heads // x.shape[3]
+        return pl.BlockSpec((None, None, x.shape[2], None, x.shape[4]),
+                            lambda b, n: (b // heads, n, 0, (b % heads) // group, 0))
     return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, n: (b, n, 0, 0))
 
 
-def chunk_grid(q):
-    return (q.shape[0] * (q.shape[3] if q.ndim == 5 else 1), q.shape[1])
+def chunk_grid(u):
+    """(heads, chunks) of the values u, which have every head."""
+    return (u.shape[0] * (u.shape[3] if u.ndim == 5 else 1), u.shape[1])
+
+
+def _heads(u):
+    return u.shape[3] if u.ndim == 5 else None
 
 
 def decay_views(prefix):
@@ -115,13 +126,16 @@ def decay_views(prefix):
     return prefix[..., :, None].astype(f32), prefix[..., None, :].astype(f32)
 
 
-def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False, out_dtype=None):
-    """O (q's layout with u's width; out_dtype, default u's) from q, k, u (each in either layout of chunk_tile), the
-    states entering every chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]."""
+def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False, out_dtype=None,
+                   value_scale=None):
+    """O (u's layout; out_dtype, default u's) from q, k, u (each in either layout of chunk_tile; q and k may be
+    grouped), the states entering every chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]. value_scale
+    [BH, N, C]: the values are u times it per token (rounded to u's dtype), formed in the kernel."""
     kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
-    o = jax.ShapeDtypeStruct((*q.shape[:-1], u.shape[-1]), out_dtype or u.dtype)
-    ins = (q, k, u, starts, *decay_views(prefix))
-    call = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins], out_specs=chunk_tile(o),
+    o = jax.ShapeDtypeStruct(u.shape, out_dtype or u.dtype)
+    ins = (q, k, u, starts, *decay_views(prefix)) + (() if value_scale is None else (value_scale[..., None],))
+    call = backend.call(kernel, grid=chunk_grid(u), in_specs=[chunk_tile(x, _heads(u)) for x in ins],
+                        out_specs=chunk_tile(o),
                         out_shape=o, semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
                         num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
     return call(*ins)
@@ -133,14 +147,15 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale,
     dnext [BH, N, K, V], the cotangent of the state leaving each chunk (see the module docstring).
 
     with_dw also returns dW = −dU Sᵀ for values corrected as u = ũ − W S (else None). dG is float32 [BH, N, C];
-    the others come in their inputs' layouts and dtypes (grad_dtype, when given).
+    the others come in their inputs' layouts and dtypes (grad_dtype, when given), per head of u for grouped q, k
+    (the caller sums each group).
     """
     kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact))
     warps, stages = TRITON["bwd_dw" if with_dw else "bwd"]
-    like = lambda x: jax.ShapeDtypeStruct(x.shape, grad_dtype or x.dtype)
+    like = lambda x: jax.ShapeDtypeStruct((*u.shape[:-1], x.shape[-1]), grad_dtype or x.dtype)
     out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
     ins = (q, k, u, starts, *decay_views(prefix), do, dnext)
-    outs = backend.call(kernel, grid=chunk_grid(q), in_specs=[chunk_tile(x) for x in ins],
+    outs = backend.call(kernel, grid=chunk_grid(u), in_specs=[chunk_tile(x, _heads(u)) for x in ins],
                         out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
                         semantics=("parallel", "parallel"), num_warps=warps, num_stages=stages,
                         name="chunk_output_bwd")(*ins)

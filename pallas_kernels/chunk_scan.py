@@ -34,12 +34,15 @@ f32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """How to run the scan: V columns per Triton program, Triton pipeline stages, matmul accuracy.
+    """How to run the scan: V columns (and K rows, forward without correction keys) per Triton program, Triton
+    pipeline stages, matmul accuracy.
 
-    The defaults were the fastest settings timed on an H100 (block_v 16, 32, 64; 1 to 3 stages; BENCHMARKS.md).
+    The defaults were the fastest for simple GLA timed on an H100 (block_v 16 to 128, block_k 32 to 128, 1 to 3
+    stages; BENCHMARKS.md); the gated delta rule takes block_v 32.
     """
 
-    block_v: int = 32
+    block_v: int = 64
+    block_k: int = 64  # K rows per Triton program of the forward state pass without correction keys
     num_stages: int = 3
     exact: bool | str = False  # Backend.precision's levels
 
@@ -228,13 +231,17 @@ def delta_reverse_pass(backend: Backend, config: ScanConfig, k, key_scale, q, qu
 
 
 # ---------------------------------------------------------------------------------------------------- calls
-def _sequence_spec(x, width, col=lambda j: 0):
-    """Triton: one head's whole sequence of chunks, `width` columns from column block col(j), of a head-chunked
-    [BH, N, C, ·] or token-major [B, N, C, H, ·] array; grid (BH, column blocks)."""
+def _sequence_spec(x, width, col=lambda *blocks: 0, heads=None):
+    """Triton: one head's whole sequence of chunks, `width` columns from column block col(*blocks), of a
+    head-chunked [BH, N, C, ·] or token-major [B, N, C, H, ·] array (grouped when heads, the grid's, is more than
+    its own: chunk_tile); grid (BH, *block axes)."""
     if x.ndim == 5:
-        n, c, heads = x.shape[1:4]
-        return pl.BlockSpec((None, n, c, None, width), lambda b, j: (b // heads, 0, 0, b % heads, col(j)))
-    return pl.BlockSpec((None, *x.shape[1:3], width), lambda b, j: (b, 0, 0, col(j)))
+        n, c, own = x.shape[1:4]
+        heads = heads or own
+        group = heads // own
+        return pl.BlockSpec((None, n, c, None, width),
+                            lambda b, *blocks: (b // heads, 0, 0, (b % heads) // group, col(*blocks)))
+    return pl.BlockSpec((None, *x.shape[1:3], width), lambda b, *blocks: (b, 0, 0, col(*blocks)))
 
 
 def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False, key_scale=None):
@@ -246,9 +253,9 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
     every token inside the kernel (saving a pass over them); reverse runs from the last chunk to the first (the
     backward state pass of an op).
     """
-    heads = kw.shape[3] if kw.ndim == 5 else 1
+    heads = u.shape[3] if u.ndim == 5 else 1  # token-major keys may be grouped (fewer heads, chunk_tile)
     n, c, k, v = kw.shape[1], kw.shape[2], kw.shape[-1], u.shape[-1]
-    bh = kw.shape[0] * heads
+    bh = u.shape[0] * heads
     bv = config.block(backend, v)
     has_w, has_scale = w is not None, key_scale is not None
     kernel_args = {"has_w": has_w, "has_scale": has_scale, "precision": backend.precision(config.exact),
@@ -258,13 +265,15 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
         out_shape.append(jax.ShapeDtypeStruct(u.shape, f32))
     ins = [kw, u] + [w] * has_w + ([key_scale[..., None].astype(f32)] if has_scale else [])
     if backend.name == "triton":
+        # Grid (heads, V blocks, K blocks); correction keys contract over all of K, so with w one K block.
+        bk = k if has_w else min(k, config.block_k)
         seq = _sequence_spec
-        keys, vals = seq(kw, k), seq(u, bv, lambda j: j)
-        state = pl.BlockSpec((None, k, bv), lambda b, j: (b, 0, j))
+        keys, vals = seq(kw, bk, lambda j, i: i, heads), seq(u, bv, lambda j, i: j)
+        state = pl.BlockSpec((None, bk, bv), lambda b, j, i: (b, i, j))
         in_specs = ([keys, vals] + [keys] * has_w + [seq(ins[-1], 1)] * has_scale
-                    + [pl.BlockSpec((None, n), lambda b, j: (b, 0)), state])
-        out_specs = [pl.BlockSpec((None, n, k, bv), lambda b, j: (b, 0, 0, j)), state] + [vals] * has_w
-        call = backend.call(functools.partial(_fwd_triton, n_chunks=n, **kernel_args), grid=(bh, v // bv),
+                    + [pl.BlockSpec((None, n), lambda b, j, i: (b, 0)), state])
+        out_specs = [pl.BlockSpec((None, n, bk, bv), lambda b, j, i: (b, 0, i, j)), state] + [vals] * has_w
+        call = backend.call(functools.partial(_fwd_triton, n_chunks=n, **kernel_args), grid=(bh, v // bv, k // bk),
                             in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                             num_stages=config.num_stages, name="chunk_scan_fwd")
         return call(*ins, decay, s0)

@@ -119,7 +119,7 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
     chunks, unchunk = kernel_chunking(backend)
     q, k, v = (pad_axis(chunks(x, chunk_size), -1, backend.width(x.shape[-1])) for x in (q, k, v))
     g, beta = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (g, beta))
-    o, final = _delta_chunks(backend, ScanConfig(), scale, q, k, v, beta, jnp.cumsum(g, axis=-1),
+    o, final = _delta_chunks(backend, ScanConfig(block_v=32), scale, q, k, v, beta, jnp.cumsum(g, axis=-1),
                              kernel_state(backend, state))
     return unchunk(o[..., :dv], b, t), from_kernel_state(final, state.shape)
 

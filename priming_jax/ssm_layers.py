@@ -229,18 +229,18 @@ class Mamba2(nnx.Module):
         xs, cx = self.conv_x(x_in, cc.get("conv_x"))
         bm, cb = self.conv_B(b_in, cc.get("conv_B"))
         cm, ccv = self.conv_C(c_in, cc.get("conv_C"))
-        xs, bm = jnp.repeat(xs, self.groups, axis=2), jnp.repeat(bm, self.groups, axis=2)
+        xs = jnp.repeat(xs, self.groups, axis=2)  # B stays grouped: the ops read it per group
         dt = jax.nn.softplus(jnp.einsum("btd,dh->bth", x, self.dt_proj[...]).astype(jnp.float32)
                              + self.dt_bias[...].astype(jnp.float32))
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * dt
-        v = (xs.astype(jnp.float32) * dt[..., None]).astype(xs.dtype)
-        if cache is not None and x.shape[1] == 1:
-            y, state = ops.simple_gla_step(cm[:, 0], bm[:, 0], v[:, 0], g[:, 0], cache["state"], scale=1.0)
+        if cache is not None and x.shape[1] == 1:  # values x·dt, formed by the ops
+            y, state = ops.simple_gla_step(cm[:, 0], bm[:, 0], xs[:, 0], g[:, 0], cache["state"], scale=1.0,
+                                           v_scale=dt[:, 0])
             y = y[:, None]
         else:
-            y, state = ops.simple_gla(cm, bm, v, g, scale=1.0, initial_state=None if cache is None else cache["state"],
+            y, state = ops.simple_gla(cm, bm, xs, g, scale=1.0, initial_state=None if cache is None else cache["state"],
                                       output_final_state=cache is not None, chunk_size=self.chunk_size,
-                                      impl=self.impl)
+                                      impl=self.impl, v_scale=dt)
         y = y.astype(jnp.float32) + self.D[...][:, None] * xs.astype(jnp.float32)
         z = jnp.einsum("btd,dhk->bthk", x, self.z_proj[...]).astype(jnp.float32)
         y = self.norm((y * jax.nn.silu(z)).astype(x.dtype))

@@ -104,6 +104,35 @@ def test_interpret_gradients_and_bf16(op, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_grouped_keys_and_value_scale(variant):
+    """simple GLA with grouped q and k (Triton reads them in place per group, Mosaic repeats them) and values
+    scaled per token in the kernels (Mamba-2's x·Δ) against the reference on jnp.repeat(q, k) and v·Δ: outputs,
+    final states and every gradient, Δ's included, float32."""
+    (q, k, v, g), s0 = inputs("simple_gla", 2, 37, 4, 16, 48, True)
+    q, k = q[:, :, :2], k[:, :, :1]
+    rng = np.random.default_rng(2)
+    r_o = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+    dt = jnp.asarray(np.log1p(np.exp(rng.standard_normal(g.shape))), jnp.float32)
+    rep = lambda x: jnp.repeat(x, 4 // x.shape[2], axis=2)
+
+    def loss(impl, q, k, v, g, s0, dt):
+        inside = impl != "reference"
+        o, s = pallas_kernels.simple_gla(q, k, v if inside else v * dt[..., None], g, initial_state=s0,
+                                         output_final_state=True, chunk_size=16, impl=impl,
+                                         v_scale=dt if inside else None)
+        return jnp.sum(o * r_o) + jnp.sum(s), (o, s)
+
+    grad = lambda impl, q, k: jax.jit(jax.grad(functools.partial(loss, impl), argnums=range(6), has_aux=True))(
+        q, k, v, g, s0, dt)
+    (dq, dk, *rest), outs = grad(variant, q, k)
+    (dq_ref, dk_ref, *rest_ref), outs_ref = grad("reference", rep(q), rep(k))
+    sum_groups = lambda d, x: d.reshape(*x.shape[:3], -1, x.shape[3]).sum(3)
+    assert rel(dq, sum_groups(dq_ref, q)) <= 1e-5 and rel(dk, sum_groups(dk_ref, k)) <= 1e-5
+    for a, b in zip(jax.tree.leaves((rest, outs)), jax.tree.leaves((rest_ref, outs_ref))):
+        assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_kernel_pieces(variant):
     """The state pass with correction keys (and per-token key scales) against plain jnp, and GKA's solve kernel
     against the XLA solve."""

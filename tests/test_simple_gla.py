@@ -131,6 +131,35 @@ def test_very_negative_decay_is_finite_and_exact():
     assert all(bool(jnp.isfinite(d).all()) for d in grads)
 
 
+@pytest.mark.parametrize("q_heads,k_heads", [(1, 2), (4, 1)])
+def test_grouped_queries_and_keys(q_heads, k_heads):
+    """q and k with fewer heads than v (Mamba-2's groups) equal their jnp.repeat to every head, and v_scale Δ equals
+    values v·Δ: gradients (q's and k's summed over each group) and decode steps included; float64, chunked vs
+    reference."""
+    b, t, h, dk, dv = 2, 37, 4, 16, 8
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        q, k, v, g, s0 = cast(jnp.float64, *make_inputs(5, b, t, h, dk, dv))
+        q, k = q[:, :, :q_heads], k[:, :, :k_heads]
+        r_o, dt = rng.standard_normal((b, t, h, dv)), jnp.asarray(rng.uniform(size=(b, t, h)))
+        rep = lambda x: jnp.repeat(x, h // x.shape[2], axis=2)
+
+        def loss(impl, grouped, q, k, v, g, s0, dt):
+            q, k, v, v_scale = (q, k, v, dt) if grouped else (rep(q), rep(k), v * dt[..., None], None)
+            o, s = simple_gla(q, k, v, g, initial_state=s0, output_final_state=True, chunk_size=16, impl=impl,
+                              v_scale=v_scale)
+            return jnp.sum(o * r_o) + jnp.sum(s)
+
+        ref = jax.grad(functools.partial(loss, "reference", False), argnums=range(6))(q, k, v, g, s0, dt)
+        got = jax.grad(functools.partial(loss, "chunked", True), argnums=range(6))(q, k, v, g, s0, dt)
+        assert got[0].shape == q.shape and got[1].shape == k.shape
+        for a, b_ in zip(got, ref):
+            assert rel(a, b_) <= 1e-10
+        o_step, s_step = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], s0, v_scale=dt[:, 0])
+        o_rep, s_rep = simple_gla_step(rep(q)[:, 0], rep(k)[:, 0], v[:, 0] * dt[:, 0, :, None], g[:, 0], s0)
+        assert rel(o_step, o_rep) <= 1e-15 and rel(s_step, s_rep) <= 1e-15
+
+
 def trace(fn, *args, **kwargs):
     """Shapes only: the checks run at trace time, so this exercises them without compiling."""
     return jax.eval_shape(functools.partial(fn, **kwargs), *args)
@@ -153,3 +182,8 @@ def test_errors_and_optional_state():
         trace(simple_gla, q, k, v, g, initial_state=jnp.zeros((1, 2, 4, 8)))
     with pytest.raises(ValueError, match="q has shape"):
         trace(simple_gla_step, q, k, v, g, jnp.zeros((1, 2, 8, 4)))
+    v3 = jnp.zeros((1, 4, 3, 4))
+    with pytest.raises(ValueError, match=r"v_scale has shape \(1, 4\)"):
+        trace(simple_gla, q, k, v, g, v_scale=g[..., 0])
+    with pytest.raises(ValueError, match=r"k has 2 heads, not a divisor of v's 3"):
+        trace(simple_gla, q[:, :, :1], k, v3, g[..., :1].repeat(3, -1))
