@@ -180,8 +180,9 @@ class GatedDeltaNet(_DeltaFamily):
 class Mamba2(nnx.Module):
     """Mamba-2 / SSD (SPEC §7) primed from attention: heads = groups = Hq, headdim = d_state = head_dim.
 
-    in_proj is kept as five projections [z | x | B | C | dt] (x, B from Hkv heads, repeated to Hq after the
-    conv); the scan is simple GLA with q = C, k = B, v = Δ·x, log decay Δ·A, plus the D skip.
+    in_proj is kept as five projections [z | x | B | C | dt] (x, B from Hkv heads; x repeated to Hq after the
+    conv, B read per group by the op); the scan is simple GLA with q = C, k = B, v = x scaled by Δ (v_scale, inside
+    the kernels), log decay Δ·A, plus the D skip.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
