@@ -170,9 +170,9 @@ def simple_gla_step(q, k, v, g, state, *, scale=None, v_scale=None):
     """One decode token: q, k [B, H, K], v [B, H, V], g [B, H], state [B, H, K, V], v_scale [B, H] or None →
     (o [B, H, V], new state)."""
     check_qkv("simple_gla_step", q, k, v, _gates(g, v_scale), state, step=True, grouped=True)
-    dtype = acc_dtype(q, k, v)
+    dtype, out_dtype = acc_dtype(q, k, v), v.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k = (repeat_heads(x, v.shape[1]) for x in (q, k))
     q, k, v, g, state = (x.astype(dtype) for x in (q, k, v, g, state))
     o, state = _step(q, k, _scaled(v, v_scale), g, state, scale)
-    return o.astype(v.dtype), state
+    return o.astype(out_dtype), state
