@@ -106,6 +106,12 @@ def tile_sum(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
+def grid_head(b, heads: int, own: int):
+    """Triton grids over B·heads: program b's (batch, head) index into a token-major [B, N, C, own, ·] array,
+    whose own ≤ heads heads are grouped (check_qkv: head h reads head h // (heads / own))."""
+    return b // heads, (b % heads) // (heads // own)
+
+
 def pow2_at_least(n: int, floor: int = 16) -> int:
     """Triton blocks and tensor-core tiles want power-of-two sizes of at least 16."""
     return max(floor, 1 << (n - 1).bit_length())

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._pallas import BF16X3, Backend, dot, tile_sum
+from pallas_kernels._pallas import BF16X3, Backend, dot, grid_head, tile_sum
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages) per kernel: 4 and 8 warps timed on an H100 (BENCHMARKS.md).
@@ -105,10 +105,9 @@ def chunk_tile(x, heads=None):
     token-major [B, N, C, H, ·] (Triton: an op's [B, T, H, ·] reshaped, read in place). A token-major x with fewer
     heads than the grid's (grouped q or k, check_qkv) is read in place by every head of its group."""
     if x.ndim == 5:
-        heads = heads or x.shape[3]
-        group = heads // x.shape[3]
+        head = functools.partial(grid_head, heads=heads or x.shape[3], own=x.shape[3])
         return pl.BlockSpec((None, None, x.shape[2], None, x.shape[4]),
-                            lambda b, n: (b // heads, n, 0, (b % heads) // group, 0))
+                            lambda b, n: (head(b)[0], n, 0, head(b)[1], 0))
     return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, n: (b, n, 0, 0))
 
 

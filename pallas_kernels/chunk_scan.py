@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._pallas import Backend, dot, pad_axis
+from pallas_kernels._pallas import Backend, dot, grid_head, pad_axis
 
 f32 = jnp.float32
 
@@ -237,10 +237,9 @@ def _sequence_spec(x, width, col=lambda *blocks: 0, heads=None):
     its own: chunk_tile); grid (BH, *block axes)."""
     if x.ndim == 5:
         n, c, own = x.shape[1:4]
-        heads = heads or own
-        group = heads // own
+        head = functools.partial(grid_head, heads=heads or own, own=own)
         return pl.BlockSpec((None, n, c, None, width),
-                            lambda b, *blocks: (b // heads, 0, 0, (b % heads) // group, col(*blocks)))
+                            lambda b, *blocks: (head(b)[0], 0, 0, head(b)[1], col(*blocks)))
     return pl.BlockSpec((None, *x.shape[1:3], width), lambda b, *blocks: (b, 0, 0, col(*blocks)))
 
 
