@@ -109,7 +109,7 @@ def prepare(op: str, q, k, v, initial_state, scale, chunk_size: int):
     if chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be positive, got {chunk_size}")
     dtype, out_dtype = acc_dtype(q, k, v), v.dtype
-    b, _, h, dk = (*q.shape[:2], v.shape[2], q.shape[3])
+    b, dk, h = q.shape[0], q.shape[-1], v.shape[2]
     scale = dk**-0.5 if scale is None else scale
     if initial_state is None:
         state = jnp.zeros((b, h, dk, v.shape[-1]), dtype)

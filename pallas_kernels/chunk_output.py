@@ -134,9 +134,8 @@ def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False
     o = jax.ShapeDtypeStruct(u.shape, out_dtype or u.dtype)
     ins = (q, k, u, starts, *decay_views(prefix)) + (() if value_scale is None else (value_scale[..., None],))
     call = backend.call(kernel, grid=chunk_grid(u), in_specs=[chunk_tile(x, _heads(u)) for x in ins],
-                        out_specs=chunk_tile(o),
-                        out_shape=o, semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
-                        num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
+                        out_specs=chunk_tile(o), out_shape=o, semantics=("parallel", "parallel"),
+                        num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")
     return call(*ins)
 
 

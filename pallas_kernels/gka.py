@@ -175,13 +175,13 @@ def _chebyshev_pallas(solver, ops, rhs, lam, f):
     backend = solver.backend
     args = _chunk_operands(backend, solver.keys_exact, *ops)
     rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
-    c = args[2].shape[1]
+    c = rhs.shape[-2]
     block_rows = solver.block_rows if c % solver.block_rows == 0 else c
     whole = lambda a: pl.BlockSpec((None, *a.shape[1:]), lambda i, j: (i,) + (0,) * (a.ndim - 1))
     block = lambda a: pl.BlockSpec((None, block_rows, a.shape[-1]), lambda i, j: (i, j, 0))
     h0, decay, mask, k = args
     kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=backend.precision(BF16X3))
-    x = backend.call(kernel, grid=(args[0].shape[0], c // block_rows),
+    x = backend.call(kernel, grid=(h0.shape[0], c // block_rows),
                      in_specs=[whole(h0), block(decay), block(mask), whole(k)] + [block(r) for r in rows],
                      out_specs=block(rows[0]), out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
                      semantics=("parallel", "parallel"), num_warps=solver.num_warps, name="gka_chebyshev")(*args, *rows)
@@ -299,31 +299,35 @@ def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
     return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
 
 
-def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
-    """Run a per-chunk VJP kernel on the chunk operators and row inputs [..., C, K or 1] (K padded like the keys);
-    returns the cotangents of the operators in their shapes and dtypes."""
+def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_warps=4):
+    """One program per chunk of `kernel` (bf16x3 products on Triton) on the chunk operators and row inputs
+    [..., C, K or 1]: returns its float32 outputs [chunks, *shape] for out_shapes given as functions of (C, K')."""
     args = _chunk_operands(backend, keys_exact, *ops)
-    n, (c, kp), dk = args[0].shape[0], args[3].shape[1:], ops[3].shape[-1]
-    rows = _chunk_rows(args, dk, *rows)
-    shapes = [(kp, kp), (c, 1), (c, c), (c, kp)]
+    rows = _chunk_rows(args, ops[3].shape[-1], *rows)
+    n, (c, kp) = args[0].shape[0], args[3].shape[1:]
+    shapes = [shape(c, kp) for shape in out_shapes]
+    return backend.call(partial(kernel, precision=backend.precision(BF16X3)), grid=(n,), num_warps=num_warps,
+                        in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
+                        out_specs=[_chunk_spec(*s) for s in shapes],
+                        out_shape=[jax.ShapeDtypeStruct((n, *s), jnp.float32) for s in shapes],
+                        semantics=("parallel",), name=name)(*args, *rows)
+
+
+def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
+    """Run a per-chunk VJP kernel (_per_chunk); returns the cotangents of the operators in their shapes and
+    dtypes."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
-    grads = backend.call(partial(kernel, precision=backend.precision(BF16X3)), grid=(n,), num_warps=8,
-                         in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
-                         out_specs=[_chunk_spec(*s) for s in shapes],
-                         out_shape=[jax.ShapeDtypeStruct((n, *s), jnp.float32) for s in shapes],
-                         semantics=("parallel",), name=name)(*args, *rows)
+    shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
+    grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8)
+    dk = ops[3].shape[-1]
     unpad = (lambda g: g[:, :dk, :dk], lambda g: g, lambda g: g, lambda g: g[..., :dk])
     return tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
 
 
 def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):
-    args = _chunk_operands(backend, keys_exact, h0, decay, mask, k)
-    n, c = args[0].shape[0], k.shape[-2]
-    kernel = partial(_frobenius_fwd_kernel, precision=backend.precision(BF16X3))
-    f = backend.call(kernel, grid=(n,), in_specs=[_chunk_spec(*a.shape[1:]) for a in args],
-                     out_specs=_chunk_spec(c, 1), out_shape=jax.ShapeDtypeStruct((n, c, 1), jnp.float32),
-                     semantics=("parallel",), name="gka_frobenius")(*args)
+    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, decay, mask, k), keys_exact, (),
+                      [lambda c, kp: (c, 1)])
     f = f.reshape(k.shape[:-1])
     return f, (h0, decay, mask, k, f)
 

@@ -94,11 +94,12 @@ def _gla_chunks(backend, config, scale, narrow, q, k, v, prefix, s0, v_scale):
 def _gla_fwd(backend, config, scale, narrow, q, k, v, prefix, s0, v_scale):
     end = prefix[..., -1:]
     k_in, v_in = (k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)) if narrow else (k, v)
-    key_scale = jnp.exp(end - prefix) * (1 if v_scale is None else v_scale[0])
+    per_head = None if v_scale is None else v_scale[0]
+    key_scale = jnp.exp(end - prefix) * (1 if per_head is None else per_head)
     # The state pass keeps float32 keys: it scales them by e^{G_C − G} in the kernel.
     starts, final = state_pass(backend, config, k, v_in, None, jnp.exp(end[..., 0]), s0, key_scale=key_scale)
     o = output_forward(backend, q, k_in, v_in, starts, prefix, scale, config.exact, out_dtype=v.dtype,
-                       value_scale=None if v_scale is None else v_scale[0])
+                       value_scale=per_head)
     return (o, final), (q, k_in, v_in, prefix, starts, v_scale)
 
 
@@ -108,16 +109,17 @@ def _gla_bwd(backend, config, scale, narrow, res, cts):
     # the kernels read them (bf16 when narrow, their float32 primals' gradients then in float32). Scaled values
     # are formed here once (as the forward kernels rounded them), and their cotangent taken back to v and v_scale.
     q, k, v_in, prefix, starts, v_scale = res
-    v = v_in if v_scale is None else (v_in * v_scale[1]).astype(v_in.dtype)
+    like_v = None if v_scale is None else v_scale[1]
+    v = v_in if like_v is None else (v_in * like_v).astype(v_in.dtype)
     do, dfinal = cts
     do = do.astype(v.dtype)
     dnext, ds0 = state_pass(backend, config, q, do, None, jnp.exp(prefix[..., -1]),
                             dfinal.astype(jnp.float32), reverse=True, key_scale=scale * jnp.exp(prefix))
     dq, dk, dv, dprefix, _ = output_backward(backend, q, k, v, starts, prefix, do, dnext, scale, config.exact,
                                              grad_dtype=jnp.float32 if narrow else None)
-    if v_scale is not None:
+    if like_v is not None:
         dscale = jnp.sum(v_in.astype(jnp.float32) * dv.astype(jnp.float32), axis=-1, keepdims=True)
-        dv, v_scale = (dv * v_scale[1]).astype(dv.dtype), (jnp.zeros_like(v_scale[0]), dscale)
+        dv, v_scale = (dv * like_v).astype(dv.dtype), (jnp.zeros_like(v_scale[0]), dscale)
     return _sum_groups(dq, q), _sum_groups(dk, k), dv, dprefix, ds0, v_scale
 
 

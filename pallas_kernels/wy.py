@@ -9,12 +9,11 @@ One program per (head, chunk), as in chunk_output, so the same body serves Trito
 A by [b, b] blocks straight from the keys, inverts the diagonal blocks by doubling block sizes (tensor-core
 products, no row-by-row substitution; see _diagonal_inverse) and the blocks below from them (b = 32 on Triton:
 1.66 ms at T = 32768 on an H100 against 2.06 for b = 16 and 2.67 for b = C; b = C on Mosaic, whose lane dimension
-is 128 wide), and keeps
-T in float32 for the backward. T's products are TF32 on Triton (one pass; 3×TF32 took the gated delta rule's forward
-from 3.28 to 3.54 ms at T = 32768 on an H100 with the same output and state errors there, and on a CPU with TF32
-emulated and correlated keys, whose T entries grow as β kᵀk approaches 1, within ±15% of them) and float32-accurate
-on Mosaic (whose default is a single bf16 pass); W and Ũ, rounded to the inputs' dtype, take default-precision
-products with it.
+is 128 wide), and keeps T in float32 for the backward. T's products are TF32 on Triton (one pass; 3×TF32 took the
+gated delta rule's forward from 3.28 to 3.54 ms at T = 32768 on an H100 with the same output and state errors
+there, and on a CPU with TF32 emulated and correlated keys, whose T entries grow as β kᵀk approaches 1, within ±15%
+of them) and float32-accurate on Mosaic (whose default is a single bf16 pass); W and Ũ, rounded to the inputs'
+dtype, take default-precision products with it.
 
 Backward, given dW, dŨ (from the state pass and chunk_output) and the keys' cotangent from those kernels:
     dT = dW (β e^G ∘ K)ᵀ + dŨ (β ∘ V)ᵀ,   d(β e^G ∘ K) = Tᵀ dW,   d(β ∘ V) = Tᵀ dŨ,   dA = −Tᵀ dT Tᵀ,
