@@ -239,17 +239,25 @@ def _chunk_frobenius(h0, decay, mask_decay, k):
     return _safe_sqrt(f2)
 
 
+def _flip(x):
+    """A [C, 1] column as a [1, C] row or back, without a transpose (an identity mask and a sum lower everywhere)."""
+    c = max(x.shape)
+    eye = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return jnp.sum(jnp.where(eye, x, 0), axis=0 if x.shape[1] == 1 else 1, keepdims=True)
+
+
 def _frobenius_terms(h0, decay, mask, k, mm):
-    """In-kernel pieces of _chunk_frobenius for one chunk: ‖H_t‖_F² [C, 1] and what its VJP reuses."""
+    """In-kernel pieces of _chunk_frobenius for one chunk: ‖H_t‖_F² [C, 1] and what its VJP reuses. Products
+    with a vector are elementwise sums, not [C, C] × [C, K] matmuls."""
     k32 = k.astype(jnp.float32)
     kh = mm(k, h0)  # rows k_s H₀
-    khk = kh * k32  # row sums: k_sᵀ H₀ k_s
+    c_row = _flip(jnp.sum(kh * k32, axis=1, keepdims=True))  # k_sᵀ H₀ k_s as a row
     kk = mm(k, k, tb=True)
     mw = mm(mask, kk * kk)  # Σ_s M[t,s] (k_s·k_u)²
-    mc = jnp.sum(mm(mask, khk), axis=1, keepdims=True)  # Σ_s M[t,s] k_sᵀ H₀ k_s
+    mc = jnp.sum(mask * c_row, axis=1, keepdims=True)  # Σ_s M[t,s] k_sᵀ H₀ k_s
     h0_sq = tile_sum(h0 * h0)
     f2 = decay * decay * h0_sq + 2 * decay * mc + jnp.sum(mw * mask, axis=1, keepdims=True)
-    return f2, (k32, kh, khk, kk, mw, mc, h0_sq)
+    return f2, (k32, kh, c_row, kk, mw, mc, h0_sq)
 
 
 def _frobenius_fwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, *, precision):
@@ -263,16 +271,16 @@ def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0
     """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
     mm = partial(dot, precision=precision)
     h0, decay, mask, k, f = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], f_ref[...]
-    _, (k32, kh, khk, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
+    _, (k32, kh, c_row, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
     pos = f > 0
     df2 = jnp.where(pos, df_ref[...] / (2 * jnp.where(pos, f, 1)), 0)
     v = 2 * df2 * decay
     ddecay_ref[...] = 2 * df2 * (decay * h0_sq + mc)
-    w = mm(mask, v * jnp.ones_like(k32), ta=True)  # every column: w_s = Σ_t M[t,s] v_t
+    w = _flip(jnp.sum(mask * v, axis=0, keepdims=True))  # w_s = Σ_t M[t,s] v_t
     dh0_ref[...] = 2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, k, ta=True)
     d_kk = 2 * kk * mm(mask, df2 * mask, ta=True)
     dk_ref[...] = w * (kh + mm(k, h0, tb=True)) + 2 * mm(d_kk, k)
-    dmask_ref[...] = mm(v * jnp.ones_like(k32), khk, tb=True) + 2 * df2 * mw
+    dmask_ref[...] = v * c_row + 2 * df2 * mw
 
 
 def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
