@@ -50,11 +50,16 @@ def _operand(x, dtype, precision):
     return x if precision == BF16X3 else x.astype(dtype)
 
 
-def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, *refs, scale, precision):
-    *scale_ref, o_ref = refs  # optional per-token value scales [C, 1]
+def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, *refs, scale, precision, value_scale, corrections):
+    refs = list(refs)
+    scale_ref = refs.pop(0) if value_scale else None  # per-token value scales [C, 1]
+    w_ref = refs.pop(0) if corrections else None
+    (o_ref,) = refs
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
-    if scale_ref:
-        u = (u * scale_ref[0][...]).astype(u.dtype)
+    if scale_ref is not None:
+        u = (u * scale_ref[...]).astype(u.dtype)
+    if w_ref is not None:  # u = ũ − W S in float32, exactly as chunk_scan's state pass forms it
+        u = u.astype(f32) - dot(w_ref[...], s_ref[...].astype(w_ref.dtype), precision=precision)
     gc = gc_ref[...]
     mm = functools.partial(dot, precision=precision)
     cast = functools.partial(_operand, precision=precision)
@@ -126,13 +131,18 @@ def decay_views(prefix):
 
 
 def output_forward(backend: Backend, q, k, u, starts, prefix, scale, exact=False, out_dtype=None,
-                   value_scale=None):
+                   value_scale=None, corrections=None):
     """O (u's layout; out_dtype, default u's) from q, k, u (each in either layout of chunk_tile; q and k may be
     grouped), the states entering every chunk [BH, N, K, V] and the in-chunk prefix G [BH, N, C]. value_scale
-    [BH, N, C]: the values are u times it per token (rounded to u's dtype), formed in the kernel."""
-    kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact))
+    [BH, N, C]: the values are u times it per token (rounded to u's dtype), formed in the kernel. corrections W
+    (k's layout): the values are u − W S in float32 (the gated delta rule's, u being ũ), formed in the kernel
+    from the entering states, so that the state pass need not write them in float32 (the gated delta rule's forward
+    at T = 32768 on an H100: 2.85–2.88 ms vs 3.09–3.11, side by side; BENCHMARKS.md)."""
+    kernel = functools.partial(_fwd_kernel, scale=scale, precision=backend.precision(exact),
+                               value_scale=value_scale is not None, corrections=corrections is not None)
     o = jax.ShapeDtypeStruct(u.shape, out_dtype or u.dtype)
-    ins = (q, k, u, starts, *decay_views(prefix)) + (() if value_scale is None else (value_scale[..., None],))
+    ins = ((q, k, u, starts, *decay_views(prefix)) + (() if value_scale is None else (value_scale[..., None],))
+           + (() if corrections is None else (corrections,)))
     call = backend.call(kernel, grid=chunk_grid(u), in_specs=[chunk_tile(x, _heads(u)) for x in ins],
                         out_specs=chunk_tile(o), out_shape=o, semantics=("parallel", "parallel"),
                         num_warps=TRITON["fwd"][0], num_stages=TRITON["fwd"][1], name="chunk_output_fwd")

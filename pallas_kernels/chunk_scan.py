@@ -75,16 +75,16 @@ def _bwd_step(ds, s, kw, u, d, dstart, precision):
 
 
 # ----------------------------------------------------------------------------------------------------- Triton
-def _split_fwd_refs(refs, has_w, has_scale):
+def _split_fwd_refs(refs, has_w, has_scale, emit_u):
     refs = list(refs)
     w_ref = refs.pop(0) if has_w else None
     ks_ref = refs.pop(0) if has_scale else None
     d_ref, s0_ref, starts_ref, final_ref, *rest = refs
-    return w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, (rest.pop(0) if has_w else None), rest
+    return w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, (rest.pop(0) if emit_u else None), rest
 
 
-def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, has_scale, precision, reverse):
-    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, _ = _split_fwd_refs(refs, has_w, has_scale)
+def _fwd_triton(kw_ref, u_ref, *refs, n_chunks, has_w, has_scale, emit_u, precision, reverse):
+    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, _ = _split_fwd_refs(refs, has_w, has_scale, emit_u)
 
     def body(i, s):
         n = n_chunks - 1 - i if reverse else i
@@ -129,9 +129,10 @@ def _carry_mosaic(scr, init_ref, final_ref, step):
         final_ref[...] = scr[...]
 
 
-def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, has_scale, precision, reverse):
+def _fwd_mosaic(kw_ref, u_ref, *refs, has_w, has_scale, emit_u, precision, reverse):
     del reverse  # in the index maps
-    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, (s_scr,) = _split_fwd_refs(refs, has_w, has_scale)
+    w_ref, ks_ref, d_ref, s0_ref, starts_ref, final_ref, uout_ref, (s_scr,) = _split_fwd_refs(refs, has_w, has_scale,
+                                                                                              emit_u)
 
     def step(s):
         starts_ref[...] = s.astype(starts_ref.dtype)
@@ -243,9 +244,12 @@ def _sequence_spec(x, width, col=lambda *blocks: 0, heads=None):
     return pl.BlockSpec((None, *x.shape[1:3], width), lambda b, *blocks: (b, 0, 0, col(*blocks)))
 
 
-def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False, key_scale=None):
-    """States entering every chunk (in kw's dtype), the final state (float32) and, with w, u (float32: it is a
-    difference of nearby terms; in bf16 it took the gated delta rule's output error from 3.4e-3 to 6.2e-3).
+def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, reverse=False, key_scale=None,
+               u_dtype=None):
+    """States entering every chunk (in kw's dtype), the final state (float32) and, with w and a u_dtype, the
+    corrected values u = ũ − w S in u_dtype. (The gated delta rule's outputs need u in float32, being a difference
+    of nearby terms: in bf16 their error went from 3.4e-3 to 6.2e-3. Its output kernel forms u again from the
+    states instead (output_forward's corrections), so the pass writes u only as the backward's bf16 residual.)
 
     kw, u, w come head-chunked [BH, N, C, ·] or, for Triton, token-major [B, N, C, H, ·] (the op's own [B, T, H, ·]
     layout reshaped: no transpose); decay [BH, N], s0 [BH, K, V]. key_scale [BH, N, C] multiplies the keys of
@@ -257,11 +261,12 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
     bh = u.shape[0] * heads
     bv = config.block(backend, v)
     has_w, has_scale = w is not None, key_scale is not None
-    kernel_args = {"has_w": has_w, "has_scale": has_scale, "precision": backend.precision(config.exact),
-                   "reverse": reverse}
+    emit_u = has_w and u_dtype is not None
+    kernel_args = {"has_w": has_w, "has_scale": has_scale, "emit_u": emit_u,
+                   "precision": backend.precision(config.exact), "reverse": reverse}
     out_shape = [jax.ShapeDtypeStruct((bh, n, k, v), kw.dtype), jax.ShapeDtypeStruct((bh, k, v), f32)]
-    if has_w:
-        out_shape.append(jax.ShapeDtypeStruct(u.shape, f32))
+    if emit_u:
+        out_shape.append(jax.ShapeDtypeStruct(u.shape, u_dtype))
     ins = [kw, u] + [w] * has_w + ([key_scale[..., None].astype(f32)] if has_scale else [])
     if backend.name == "triton":
         # Grid (heads, V blocks, K blocks); correction keys contract over all of K, so with w one K block.
@@ -271,7 +276,7 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
         state = pl.BlockSpec((None, bk, bv), lambda b, j, i: (b, i, j))
         in_specs = ([keys, vals] + [keys] * has_w + [seq(ins[-1], 1)] * has_scale
                     + [pl.BlockSpec((None, n), lambda b, j, i: (b, 0)), state])
-        out_specs = [pl.BlockSpec((None, n, bk, bv), lambda b, j, i: (b, 0, i, j)), state] + [vals] * has_w
+        out_specs = [pl.BlockSpec((None, n, bk, bv), lambda b, j, i: (b, 0, i, j)), state] + [vals] * emit_u
         call = backend.call(functools.partial(_fwd_triton, n_chunks=n, **kernel_args), grid=(bh, v // bv, k // bk),
                             in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                             num_stages=config.num_stages, name="chunk_scan_fwd")
@@ -283,7 +288,7 @@ def state_pass(backend: Backend, config: ScanConfig, kw, u, w, decay, s0, revers
     scalar = pl.BlockSpec((None, None, 1, 1), lambda b, j, i: (b, at(i), 0, 0))
     column = pl.BlockSpec((None, None, c, 1), lambda b, j, i: (b, at(i), 0, 0))
     in_specs = [keys, vals] + [keys] * has_w + [column] * has_scale + [scalar, state]
-    out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, at(i), 0, j)), state] + [vals] * has_w
+    out_specs = [pl.BlockSpec((None, None, k, bv), lambda b, j, i: (b, at(i), 0, j)), state] + [vals] * emit_u
     call = backend.call(functools.partial(_fwd_mosaic, **kernel_args), grid=(bh, v // bv, n), in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((k, bv), f32)],
                         semantics=("parallel", "parallel", "arbitrary"), name="chunk_scan_fwd")

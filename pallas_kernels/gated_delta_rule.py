@@ -128,19 +128,26 @@ def _pallas(backend, q, k, v, g, beta, state, scale, chunk_size):
 def _delta_chunks(backend, config, scale, q, k, v, beta, prefix, s0):
     """From q, k, v (kernel layouts: token-major on Triton, head-chunked on Mosaic), β and the in-chunk
     log-decay prefix [BH, N, C]: the WY terms (wy_forward), the state pass with correction keys u = ũ − W S, then
-    every chunk's output. Returns (o, final state)."""
-    return _delta_fwd(backend, config, scale, q, k, v, beta, prefix, s0)[0]
+    every chunk's output (which forms u itself from ũ, W and the entering state). Returns (o, final state)."""
+    return _delta_forward(backend, config, scale, q, k, v, beta, prefix, s0, residuals=False)[0]
+
+
+def _delta_forward(backend, config, scale, q, k, v, beta, prefix, s0, residuals):
+    """((o, final state), the backward's residuals or None). Without residuals (a forward alone) the kernels
+    write neither T nor u (with output_forward's corrections: 2.61–2.71 ms against 2.95 for T and u float32 at
+    T = 32768 on an H100, side by side; BENCHMARKS.md)."""
+    w, u_tilde, tri = wy_forward(backend, k, v, beta, prefix, with_t=residuals)
+    end = prefix[..., -1:]
+    # With residuals the pass also writes u in v's dtype for the backward (for bf16: 3.7 instead of 6.1 ms for
+    # chunk_output's backward at T = 32768 on an H100; gradients only, their error stays within budget).
+    starts, final, *u = state_pass(backend, config, k, u_tilde, w, jnp.exp(end[..., 0]), s0,
+                                   key_scale=jnp.exp(end - prefix), u_dtype=v.dtype if residuals else None)
+    o = output_forward(backend, q, k, u_tilde, starts, prefix, scale, out_dtype=v.dtype, corrections=w)
+    return (o, final), ((q, k, v, beta, prefix, tri, w, u[0], starts) if residuals else None)
 
 
 def _delta_fwd(backend, config, scale, q, k, v, beta, prefix, s0):
-    w, u_tilde, tri = wy_forward(backend, k, v, beta, prefix)
-    end = prefix[..., -1:]
-    starts, final, u = state_pass(backend, config, k, u_tilde, w, jnp.exp(end[..., 0]), s0,
-                                  key_scale=jnp.exp(end - prefix))
-    o = output_forward(backend, q, k, u, starts, prefix, scale, out_dtype=v.dtype)
-    # The backward reads u in v's dtype (for bf16: 3.7 instead of 6.1 ms for chunk_output's backward at
-    # T = 32768 on an H100; gradients only, their error stays within budget).
-    return (o, final), (q, k, v, beta, prefix, tri, w, u.astype(v.dtype), starts)
+    return _delta_forward(backend, config, scale, q, k, v, beta, prefix, s0, residuals=True)
 
 
 def _delta_bwd(backend, config, scale, res, cts):

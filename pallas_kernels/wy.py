@@ -58,7 +58,7 @@ def _diagonal_inverse(a, precision):
     return x
 
 
-def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, w_ref, u_ref, t_ref, *, block, precision, wu_precision):
+def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, w_ref, u_ref, *t_ref, block, precision, wu_precision):
     nb = k_ref.shape[0] // block
     part = lambda i: pl.ds(i * block, block)
     mm = functools.partial(dot, precision=precision)
@@ -79,8 +79,9 @@ def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, w_ref, u_ref, t_ref, *, 
     for i in range(nb):
         w_ref[part(i), :] = sum(mm(x[i, j], keys[j]) for j in range(i + 1)).astype(w_ref.dtype)
         u_ref[part(i), :] = sum(mm(x[i, j], vals[j]) for j in range(i + 1)).astype(u_ref.dtype)
-        for j in range(nb):
-            t_ref[part(i), part(j)] = x[i, j] if j <= i else jnp.zeros((block, block), f32)
+        if t_ref:  # wy_forward's with_t
+            for j in range(nb):
+                t_ref[0][part(i), part(j)] = x[i, j] if j <= i else jnp.zeros((block, block), f32)
 
 
 def _bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, t_ref, dw_ref, du_ref, dk_ref, dk_out, dv_out, dbeta_out,
@@ -118,21 +119,23 @@ def _column(x):
     return x[..., None].astype(f32)
 
 
-def wy_forward(backend: Backend, k, v, beta, prefix):
-    """(W in k's layout and dtype, Ũ in v's, T float32 [BH, N, C, C]) from k [·, K] and v [·, V] head-chunked
-    [BH, N, C, ·] or token-major [B, N, C, H, ·] (Triton), β and the in-chunk prefix G [BH, N, C]."""
+def wy_forward(backend: Backend, k, v, beta, prefix, with_t=True):
+    """(W in k's layout and dtype, Ũ in v's, T float32 [BH, N, C, C] or, without with_t, None) from k [·, K]
+    and v [·, V] head-chunked [BH, N, C, ·] or token-major [B, N, C, H, ·] (Triton), β and the in-chunk prefix
+    G [BH, N, C]. T is for the backward: a forward alone need not write it."""
     c = beta.shape[-1]
     block = min(32, c) if backend.name == "triton" else c
     inverse = backend.precision(exact=backend.name != "triton")  # Triton: TF32 (module docstring)
     kernel = functools.partial(_fwd_kernel, block=block, precision=inverse,
                                wu_precision=backend.precision(exact=False))
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-    out_shape = [like(k), like(v), jax.ShapeDtypeStruct((*beta.shape, c), f32)]
+    out_shape = [like(k), like(v)] + [jax.ShapeDtypeStruct((*beta.shape, c), f32)] * with_t
     ins = (k, v, _column(beta), *decay_views(prefix))
-    return backend.call(kernel, grid=chunk_grid(k), in_specs=[chunk_tile(x) for x in ins],
-                        out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
-                        semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
-                        num_stages=TRITON["fwd"][1], name="wy_fwd")(*ins)
+    w, u, *t = backend.call(kernel, grid=chunk_grid(k), in_specs=[chunk_tile(x) for x in ins],
+                            out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
+                            semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
+                            num_stages=TRITON["fwd"][1], name="wy_fwd")(*ins)
+    return w, u, (t[0] if with_t else None)
 
 
 def wy_backward(backend: Backend, k, v, beta, prefix, t, dw, du, dk):

@@ -144,7 +144,9 @@ def test_kernel_pieces(variant):
     d = jnp.asarray(rng.uniform(0.5, 1, (bh, n)), jnp.float32)
     s = s0 = jnp.asarray(rng.standard_normal((bh, k, v)), jnp.float32)
     key_scale = jnp.asarray(rng.uniform(0.5, 1, (bh, n, c)), jnp.float32)
-    starts, final, u_out = state_pass(backend, ScanConfig(block_v=16), kw, u, w, d, s0, key_scale=key_scale)
+    config = ScanConfig(block_v=16)
+    starts, final, u_out = state_pass(backend, config, kw, u, w, d, s0, key_scale=key_scale, u_dtype=jnp.float32)
+    assert len(state_pass(backend, config, kw, u, w, d, s0, key_scale=key_scale)) == 2  # no u without u_dtype
     for i in range(n):
         assert rel(starts[:, i], s) <= 1e-6
         ui = u[:, i] - jnp.einsum("bck,bkv->bcv", w[:, i], s, precision="highest")
@@ -229,7 +231,8 @@ def kernel_layout(token_major, b, h):
                                                   ("pallas_mosaic", False)])
 def test_chunk_output_against_its_jnp_vjp(variant, token_major):
     """chunk_output's forward and backward (with the state-update terms and dW) against jax.vjp of the per-chunk
-    formula; token-major blocks ([B, N, C, H, D], Triton) give the same as head-chunked ones."""
+    formula; token-major blocks ([B, N, C, H, D], Triton) give the same as head-chunked ones. The forward with
+    correction keys W (values ũ − W S, the gated delta rule's) against the formula on those values."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(3)
     b, h, n, c, dk, dv, scale = 1, 2, 3, 16, 16, 32, 0.3
@@ -257,14 +260,19 @@ def test_chunk_output_against_its_jnp_vjp(variant, token_major):
         assert rel(back(got), want) <= 1e-5
     assert rel(dg, dg_ref) <= 1e-5
     assert rel(back(dw), -jnp.einsum("...cv,...kv->...ck", du_ref, s, precision="highest")) <= 1e-5
+    w = normal(*q.shape) * 0.3  # q's shape: dk now names a gradient
+    corrected = u - jnp.einsum("...ck,...kv->...cv", w, s, precision="highest")
+    o = output_forward(backend, layout(q), layout(k), layout(u), s, prefix, scale, corrections=layout(w))
+    assert rel(back(o), chunk(q, k, corrected, s, prefix)[0]) <= 1e-5
 
 
 @pytest.mark.parametrize("variant,token_major", [("pallas_triton", False), ("pallas_triton", True),
                                                   ("pallas_mosaic", False)])
 def test_wy_against_its_jnp_vjp(variant, token_major):
     """The gated delta rule's WY kernels (W, Ũ and their backward, with the keys' cotangent from elsewhere added)
-    against jax.vjp of W = T diag(β e^G) K, Ũ = T diag(β) V with T = (I + A)⁻¹ from a float32 LU inverse; keys
-    near each other and β up to 1 so that T has large entries; C = 64, two 32-wide blocks on Triton."""
+    against jax.vjp of W = T diag(β e^G) K, Ũ = T diag(β) V with T = (I + A)⁻¹ from a float32 LU inverse (and W, Ũ
+    alone, without T, the same); keys near each other and β up to 1 so that T has large entries; C = 64, two
+    32-wide blocks on Triton."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(4)
     b, h, n, c, dk, dv = 1, 2, 2, 64, 32, 16
@@ -290,6 +298,8 @@ def test_wy_against_its_jnp_vjp(variant, token_major):
     w, u, t = wy_forward(backend, layout(k), layout(v), beta, prefix)
     assert np.abs(np.asarray(t) - np.eye(c)).max() > 0.5  # T is far from the identity
     assert rel(back(w), w_ref) <= 1e-5 and rel(back(u), u_ref) <= 1e-5
+    w_only, u_only, no_t = wy_forward(backend, layout(k), layout(v), beta, prefix, with_t=False)  # a forward alone
+    assert no_t is None and rel(w_only, w) == 0 and rel(u_only, u) == 0
     dk, dv, dbeta, dg = wy_backward(backend, layout(k), layout(v), beta, prefix, t, layout(dw), layout(du),
                                     layout(dk_other))
     assert rel(back(dk), dk_ref + dk_other) <= 1e-5 and rel(back(dv), dv_ref) <= 1e-5
