@@ -5,6 +5,8 @@ prefix G [C] (M[t, s] = e^{G_t − G_s} for s ≤ t, else 0):
 
     O = scale·(e^G ∘ (Q S) + ((Q Kᵀ) ∘ M) U)
 
+The gated delta rule's values are U = Ũ − W S (correction keys W [C, K]); the forward forms them in float32 from Ũ,
+W and S, as its state pass does, rather than reading them.
 One program per (head, chunk), all chunks at once (no carried state), so the same body serves Triton and Mosaic.
 The ops pair these kernels with the state passes of chunk_scan inside their own custom VJPs.
 Operands stay in the input dtype (bf16 in, tensor-core products with float32 accumulation) unless `exact`, which
