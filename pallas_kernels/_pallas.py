@@ -101,6 +101,13 @@ def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def corrected_values(u, w, s, precision=None):
+    """The gated delta rule's corrected values u − w S in float32, S rounded to w's dtype for the product. Its state
+    pass forms them and its output kernel forms them again from the saved (rounded) states: both call this, so
+    they agree."""
+    return u.astype(jnp.float32) - dot(w, s.astype(w.dtype), precision=precision)
+
+
 def tile_sum(x):
     """Sum of a 2-D tile as a (1, 1) tile (Mosaic reduces axis by axis)."""
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._pallas import BF16X3, Backend, dot, grid_head, tile_sum
+from pallas_kernels._pallas import BF16X3, Backend, corrected_values, dot, grid_head, tile_sum
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages) per kernel: 4 and 8 warps timed on an H100 (BENCHMARKS.md).
@@ -60,8 +60,8 @@ def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, *refs, scale, precis
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
     if scale_ref is not None:
         u = (u * scale_ref[...]).astype(u.dtype)
-    if w_ref is not None:  # u = ũ − W S in float32, exactly as chunk_scan's state pass forms it
-        u = u.astype(f32) - dot(w_ref[...], s_ref[...].astype(w_ref.dtype), precision=precision)
+    if w_ref is not None:  # u = ũ − W S, as chunk_scan's state pass forms it
+        u = corrected_values(u, w_ref[...], s_ref[...], precision)
     gc = gc_ref[...]
     mm = functools.partial(dot, precision=precision)
     cast = functools.partial(_operand, precision=precision)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._pallas import BF16X3, Backend, dot, grid_head, pad_axis
+from pallas_kernels._pallas import BF16X3, Backend, corrected_values, dot, grid_head, pad_axis
 
 f32 = jnp.float32
 
@@ -64,7 +64,7 @@ def _fwd_step(s, k, ks, u, w, d, precision):
     if w is None:
         kw = k if ks is None else (k * ks).astype(k.dtype)
         return u, d * s + dot(kw, u, ta=True, precision=precision)
-    u = u.astype(f32) - dot(w, s.astype(w.dtype), precision=precision)
+    u = corrected_values(u, w, s, precision)
     scaled = u if ks is None else ks * u
     return u, d * s + dot(k, scaled, ta=True, precision=BF16X3 if k.dtype == jnp.bfloat16 else precision)
 
