@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._pallas import Backend, corrected_values, dot, grid_head, pad_axis
+from pallas_kernels._pallas import BF16X3, Backend, corrected_values, dot, grid_head, pad_axis
 
 f32 = jnp.float32
 
@@ -56,17 +56,17 @@ class ScanConfig:
 def _fwd_step(s, k, ks, u, w, d, precision):
     """One chunk: (u, next state) from keys k, their per-token scales ks [C, 1] (or None), values u, correction
     keys w (or None). Operands in their own dtype (bf16 in: tensor-core products; the state is rounded to it for
-    w S). The corrected values u = ũ − w S are float32; the scales go onto them, not onto the keys, and the scaled
-    values are rounded to the keys' dtype for the update. Against keys scaled and rounded to bf16 with a TF32
-    product, that took the gated delta rule's final-state error on an H100 from 2.9e-3 to 1.9e-3; the scaled values
-    in two bf16 parts (three passes a chunk instead of two) gave the same errors to two digits on all five device
-    cases, 0.1 ms slower at T = 32768 (BENCHMARKS.md)."""
+    w S). The corrected values stay float32 for the state update (rounded to bf16 there, the gated delta rule's
+    final-state error went from 2.6e-3 to 4.0e-3 of its 5e-3 budget; bf16 inputs, T = 200, on a CPU): the scales go
+    onto them, not onto the keys, and they enter the product in two bf16 parts against bf16 keys (BF16X3). Against
+    keys scaled and rounded to bf16 with a TF32 product, that took the final-state error on an H100 from 2.9e-3 to
+    1.9e-3 at the same speed (BENCHMARKS.md)."""
     if w is None:
         kw = k if ks is None else (k * ks).astype(k.dtype)
         return u, d * s + dot(kw, u, ta=True, precision=precision)
     u = corrected_values(u, w, s, precision)
     scaled = u if ks is None else ks * u
-    return u, d * s + dot(k, scaled.astype(k.dtype), ta=True, precision=precision)
+    return u, d * s + dot(k, scaled, ta=True, precision=BF16X3 if k.dtype == jnp.bfloat16 else precision)
 
 
 def _bwd_step(ds, s, kw, u, d, dstart, precision):
