@@ -56,11 +56,11 @@ class ScanConfig:
 def _fwd_step(s, k, ks, u, w, d, precision):
     """One chunk: (u, next state) from keys k, their per-token scales ks [C, 1] (or None), values u, correction
     keys w (or None). Operands in their own dtype (bf16 in: tensor-core products; the state is rounded to it for
-    w S). The corrected values stay float32 for the state update (rounded to bf16 there, the gated delta rule's
-    final-state error went from 2.6e-3 to 4.0e-3 of its 5e-3 budget; bf16 inputs, T = 200, on a CPU): the scales go
-    onto them, not onto the keys, and they enter the product in two bf16 parts against bf16 keys (BF16X3). Against
-    keys scaled and rounded to bf16 with a TF32 product, that took the final-state error on an H100 from 2.9e-3 to
-    1.9e-3 at the same speed (BENCHMARKS.md)."""
+    w S). The corrected values stay float32 for the state update: the scales go onto them, not onto the keys, and
+    they enter the product in two bf16 parts against bf16 keys (BF16X3). Against keys scaled and rounded to bf16
+    with a TF32 product, that took the gated delta rule's final-state error on an H100 from 2.9e-3 to 1.9e-3 at the
+    same speed. Rounded to bf16 instead (one pass, 2.34 against 2.44 ms forward at T = 32768), the final state was
+    7.7e-3 off with correlated keys, over the 5e-3 budget (4.7e-3 as it is; BENCHMARKS.md)."""
     if w is None:
         kw = k if ks is None else (k * ks).astype(k.dtype)
         return u, d * s + dot(kw, u, ta=True, precision=precision)

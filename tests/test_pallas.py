@@ -104,6 +104,27 @@ def test_interpret_gradients_and_bf16(op, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_gated_delta_rule_bf16_with_correlated_keys(variant):
+    """bf16 inputs whose keys share one direction (kᵀk near 1 across tokens), K = 128: output and final state within
+    the kernels issue's 5e-3 budget. This is where the state update's precision shows: with the scaled corrected
+    values rounded to bf16 (one pass instead of two parts) the final state was 7.3e-3 off here (3.8e-3 as it is),
+    and 7.7e-3 on an H100 at T = 1000."""
+    rng = np.random.default_rng(1)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    b, t, h, d = 1, 256, 2, 128
+    q = unit(rng.standard_normal((b, t, h, d)))
+    k = unit(0.9 * rng.standard_normal((b, 1, h, d)) + 0.1 * unit(rng.standard_normal((b, t, h, d))))
+    xs = [q, k, rng.standard_normal((b, t, h, d)), -np.exp(rng.standard_normal((b, t, h)) - 2.5),
+          1 / (1 + np.exp(-rng.standard_normal((b, t, h))))]
+    xs = [jnp.asarray(x, jnp.bfloat16).astype(jnp.float32) if i < 3 else jnp.asarray(x, jnp.float32)
+          for i, x in enumerate(xs)]
+    state = jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32)
+    o_ref, s_ref = run("gated_delta_rule", "reference", xs, state, chunk_size=64)
+    o, s = run("gated_delta_rule", variant, xs, state, dtype=jnp.bfloat16, chunk_size=64)
+    assert rel(o, o_ref) <= 5e-3 and rel(s, s_ref) <= 5e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_grouped_keys_and_value_scale(variant):
     """simple GLA with grouped q and k (Triton reads them in place per group, Mosaic repeats them) and values
     scaled per token in the kernels (Mamba-2's x·Δ) against the reference on jnp.repeat(q, k) and v·Δ: outputs,
