@@ -5,7 +5,7 @@
     python -m pallas_kernels.bench --shapes 1x8192x32x128 --components   # the kernels alone: find the bottleneck
 
 Forward and forward+backward (gradient of Σ o·r w.r.t. every input), jitted, median of repeats after a warm-up;
-each repeat times 10 calls launched back to back (device time, not the host's launch latency).
+each repeat times CALLS (10) calls launched back to back (device time, not the host's launch latency).
 Peers, timed in the same run when they import: flash-linear-attention's chunk_gated_delta_rule and
 chunk_simple_gla, and mamba_ssm's mamba_chunk_scan_combined (Mamba-2 SSD: 8 B/C groups, chunk 256) against our
 simple_gla fed the same problem (B, C repeated to the heads, v = Δ·x, log decay Δ·A).
@@ -88,16 +88,16 @@ def ours(impl: str, num_iter: int):
     }
 
 
-def median_ms(fn, args, repeats: int, calls: int = CALLS) -> float:
-    """Median over repeats of the time per call of `calls` back-to-back calls, synchronized once: the host
+def median_ms(fn, args, repeats: int) -> float:
+    """Median over repeats of the time per call of CALLS back-to-back calls, synchronized once: the host
     dispatches ahead while the device works, as in triton's do_bench (SPEC §11's peer timings), so the figure is the
     device's time, not the host's launch latency."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(calls)])
-        times.append((time.perf_counter() - t) / calls)
+        jax.block_until_ready([fn(*args) for _ in range(CALLS)])
+        times.append((time.perf_counter() - t) / CALLS)
     return 1e3 * statistics.median(times)
 
 
