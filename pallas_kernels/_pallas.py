@@ -74,25 +74,27 @@ def backend_for(variant: str | None = None) -> Backend:
     return Backend(name, interpret=name != native)
 
 
-def split_bf16(x):
-    """x as bf16 (hi, lo) parts with x ≈ hi + lo to ~16 significant bits; a bf16 x is exact in one part (lo None);
-    a pair passes through (split once, use many times)."""
+def split16(x, dtype=jnp.bfloat16):
+    """x as (hi, lo) parts in a 16-bit float dtype with x ≈ hi + lo: ~16 significant bits in bf16, ~22 in fp16
+    (whose range the caller must scale x into). A 16-bit x is exact in one part (lo None); a pair passes through
+    (split once, use many times)."""
     if isinstance(x, tuple):
         return x
-    if x.dtype == jnp.bfloat16:
+    if x.dtype in (jnp.bfloat16, jnp.float16):
         return x, None
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    hi = x.astype(dtype)
+    return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(dtype)
 
 
 def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation; precision from Backend.precision.
 
-    BF16X3: hi·hi + lo·hi + hi·lo over split_bf16 parts (lo·lo dropped), so a product takes three bf16 passes, two
-    when one operand is bf16 and one when both are: operands keep their own dtypes (a or b may be a split pair).
+    BF16X3: hi·hi + lo·hi + hi·lo over split16 parts (lo·lo dropped), so a product takes three bf16 passes, two
+    when one operand is 16-bit and one when both are: operands keep their own dtypes (a or b may be a split pair,
+    bf16 or fp16, the other operand of the same dtype).
     """
     if precision == BF16X3:
-        (a_hi, a_lo), (b_hi, b_lo) = split_bf16(a), split_bf16(b)
+        (a_hi, a_lo), (b_hi, b_lo) = split16(a), split16(b)
         out = dot(a_hi, b_hi, ta=ta, tb=tb)
         if a_lo is not None:
             out = out + dot(a_lo, b_hi, ta=ta, tb=tb)
@@ -111,6 +113,11 @@ def corrected_values(u, w, s, precision=None):
 def tile_sum(x):
     """Sum of a 2-D tile as a (1, 1) tile (Mosaic reduces axis by axis)."""
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
+
+
+def tile_max(x):
+    """Largest element of a 2-D tile as a (1, 1) tile."""
+    return jnp.max(jnp.max(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
 def grid_head(b, heads: int, own: int):
