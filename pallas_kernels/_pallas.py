@@ -19,6 +19,9 @@ from jax.experimental.pallas import triton as pltriton
 BACKENDS = ("triton", "mosaic")
 # Backend.precision's bf16x3 level on Triton: dot() splits float32 operands into bf16 hi/lo parts itself.
 BF16X3 = "bf16x3"
+# Its f16 level on Triton: dot() takes each operand as one fp16 part scaled into range (scaled_f16): 11 significant
+# bits where one bf16 part has 8, in one pass.
+F16 = "f16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +36,12 @@ class Backend:
         accurate where rounding would be amplified. exact True: float32-accurate (three TF32 passes in a Triton
         kernel, HIGHEST elsewhere). exact "bf16x3" on Triton: BF16X3, about 16 significant bits from bf16 hi/lo
         parts (see dot; bf16 tensor-core speed, half the shared memory of TF32 operands), emulated the same way when
-        interpreted; HIGHEST on Mosaic."""
+        interpreted; HIGHEST on Mosaic. exact "f16" on Triton: F16 (see dot), emulated the same way when
+        interpreted; HIGHEST on Mosaic (TPUs have no fp16 matmul)."""
         if not exact:
             return None
-        if self.name == "triton" and exact == BF16X3:
-            return BF16X3
+        if self.name == "triton" and exact in (BF16X3, F16):
+            return exact
         if self.name == "triton" and not self.interpret:
             return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
         return jax.lax.Precision.HIGHEST
@@ -86,13 +90,36 @@ def split16(x, dtype=jnp.bfloat16):
     return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(dtype)
 
 
+def scaled_f16(x, parts: int = 1):
+    """(x·s in fp16, one part or a split16 pair, and s [1, 1]): s a power of two that puts max|x| near 2^14, so
+    that fp16's range keeps 28 binades of full precision below it; bf16 values stay exact (8 of fp16's 11 bits)."""
+    f32 = jnp.float32
+    top = tile_max(jnp.abs(x.astype(f32)))
+    # exp2 of an integer, rounded through bf16 so that it is a power of two exactly.
+    s = jnp.exp2(jnp.floor(jnp.log2(2.0**14 / jnp.clip(top, 2.0**-100, 2.0**100)) + 0.5))
+    s = s.astype(jnp.bfloat16).astype(f32)
+    x = to_f16_range(x.astype(f32) * s)
+    return (split16(x, jnp.float16) if parts == 2 else x.astype(jnp.float16)), s
+
+
+def to_f16_range(x):
+    """x (float32) clipped to fp16's finite range before a cast to fp16. Without it, Triton turns
+    f16(f32(x) · s) for a bf16 x into an fp16 product of f16(x) and f16(s), which overflows for s > 65504 and
+    flushes x below 2^−14 (NaN in GKA's VJP kernels on an H100 at C = 64, K = 128)."""
+    return jnp.clip(x, -65504.0, 65504.0)
+
+
 def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation; precision from Backend.precision.
 
     BF16X3: hi·hi + lo·hi + hi·lo over split16 parts (lo·lo dropped), so a product takes three bf16 passes, two
     when one operand is 16-bit and one when both are: operands keep their own dtypes (a or b may be a split pair,
-    bf16 or fp16, the other operand of the same dtype).
+    bf16 or fp16, the other operand of the same dtype). F16: one pass over scaled_f16 parts (an operand may be
+    scaled_f16's (value, scale) with a pair for its value, which adds a pass).
     """
+    if precision == F16:  # operands as they come from scaled_f16, or arrays that it converts here
+        (a, sa), (b, sb) = (x if isinstance(x, tuple) else scaled_f16(x) for x in (a, b))
+        return dot(a, b, ta=ta, tb=tb, precision=BF16X3) / (sa * sb)
     if precision == BF16X3:
         (a_hi, a_lo), (b_hi, b_lo) = split16(a), split16(b)
         out = dot(a_hi, b_hi, ta=ta, tb=tb)

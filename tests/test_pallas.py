@@ -218,15 +218,17 @@ def test_gka_chunk_kernels_against_autodiff(variant, keys_exact):
     ref, ref_vjp = jax.vjp(gka_module._chunk_frobenius, *ops)
     f, vjp = jax.vjp(lambda *a: gka_module._frobenius_pallas(backend, keys_exact, *a), *ops)
     tol = 2e-5 if variant == "pallas_triton" else 1e-6  # bf16x3 products (~16 bits) on Triton
+    # The VJP kernels' fp16 products on Triton with bf16 keys (one part, 11 bits): measured ≤ 5.1e-4 here.
+    vjp_tol = 1e-3 if variant == "pallas_triton" and keys_exact else tol
     assert rel(f, ref) <= tol
     for a, b in zip(vjp(df), ref_vjp(df)):
-        assert rel(a, b) <= tol
+        assert rel(a, b) <= vjp_tol
     x = jnp.asarray(rng.standard_normal((bh, n, c, k)) * 30, jnp.float32)
     y = jnp.asarray(rng.standard_normal((bh, n, c, k)), jnp.float32)
     want = gka_module.Solver(10).operator_vjp(gka_module._apply_chunk, ops, x, y)
     got = gka_module.Solver(10, backend, keys_exact=keys_exact).operator_vjp(gka_module._apply_chunk, ops, x, y)
     for a, b in zip(got, want):
-        assert rel(a, b) <= tol
+        assert rel(a, b) <= vjp_tol
 
 
 def test_bf16x3_dot():
