@@ -90,23 +90,19 @@ def split16(x, dtype=jnp.bfloat16):
     return hi, (x.astype(jnp.float32) - hi.astype(jnp.float32)).astype(dtype)
 
 
-def scaled_f16(x, parts: int = 1):
-    """(x·s in fp16, one part or a split16 pair, and s [1, 1]): s a power of two that puts max|x| near 2^14, so
-    that fp16's range keeps 28 binades of full precision below it; bf16 values stay exact (8 of fp16's 11 bits)."""
+def scaled_f16(x, parts: int = 1, target: float = 2.0**14):
+    """(x·s in fp16, one part or a split16 pair, and s [1, 1]): s the power of two that puts max|x| in
+    (target/2, target]; the default leaves fp16's range 28 binades of full precision below it. bf16 values stay
+    exact (8 of fp16's 11 bits)."""
     f32 = jnp.float32
-    top = tile_max(jnp.abs(x.astype(f32)))
+    top = jnp.clip(tile_max(jnp.abs(x.astype(f32))), 2.0**-60, 2.0**60)
     # exp2 of an integer, rounded through bf16 so that it is a power of two exactly.
-    s = jnp.exp2(jnp.floor(jnp.log2(2.0**14 / jnp.clip(top, 2.0**-100, 2.0**100)) + 0.5))
-    s = s.astype(jnp.bfloat16).astype(f32)
-    x = to_f16_range(x.astype(f32) * s)
+    s = jnp.exp2(jnp.floor(jnp.log2(target / top))).astype(jnp.bfloat16).astype(f32)
+    # Clipped to fp16's finite range before the cast. Without it, Triton turns f16(f32(x)·s) for a bf16 x into an
+    # fp16 product of f16(x) and f16(s), which overflows for s > 65504 and flushes x below 2^−14 (NaN in GKA's VJP
+    # kernels on an H100 at C = 64, K = 128).
+    x = jnp.clip(x.astype(f32) * s, -65504.0, 65504.0)
     return (split16(x, jnp.float16) if parts == 2 else x.astype(jnp.float16)), s
-
-
-def to_f16_range(x):
-    """x (float32) clipped to fp16's finite range before a cast to fp16. Without it, Triton turns
-    f16(f32(x) · s) for a bf16 x into an fp16 product of f16(x) and f16(s), which overflows for s > 65504 and
-    flushes x below 2^−14 (NaN in GKA's VJP kernels on an H100 at C = 64, K = 128)."""
-    return jnp.clip(x, -65504.0, 65504.0)
 
 
 def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
                                     from_head_chunks, resolve_impl, to_chunks, to_head_chunks)
 from pallas_kernels._pallas import (BF16X3, F16, Backend, backend_for, dot, pad_axis, scaled_f16, split16,
-                                    tile_max, tile_sum, to_f16_range)
+                                    tile_max, tile_sum)
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
@@ -129,14 +129,14 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
 def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
     """One chunk's Chebyshev solve with everything on chip for all iterations.
 
-    Triton, bf16 keys (bf16 inputs): fp16 products (_fp16_operator). Triton, float32 keys: bf16x3 products
-    (Backend.precision's level; H₀ split once per program), ~16 significant bits (GKA's float32 output error 1–3e-4
-    against the reference at the same num_iter, vs 6–11e-6 with float32 products and 1–2e-2 with TF32, measured on
-    a CPU with the products emulated). Mosaic: float32-accurate products.
+    precision from _products: F16 (Triton, bf16 keys): fp16 products (_fp16_operator). BF16X3 (Triton, float32
+    keys): H₀ split once per program, ~16 significant bits (GKA's float32 output error 1–3e-4 against the reference
+    at the same num_iter, vs 6–11e-6 with float32 products and 1–2e-2 with TF32, measured on a CPU with the
+    products emulated). Mosaic: float32-accurate products.
     """
     h0, decay, mask, k = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...]
     rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
-    if precision == BF16X3 and k.dtype == jnp.bfloat16:
+    if precision == F16:
         apply_h, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
         x_ref[...] = _chebyshev(apply_h, row_scale * rhs, lam, f, num_iter) / row_scale
         return
@@ -169,11 +169,8 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
     T = 32768 on an H100: 19.56 / 67.05 ms fwd / fwd+bwd against 21.77 / 71.50 with bf16x3, side by side. One
     part for the scores (5 passes: 18.38 / 64.44) doubled GKA's dk error on (2, 200, 2, 64, 64); one for the
     iterate against the keys took its output error to 1.6e-2–6.7e-2."""
-    f32, f16 = jnp.float32, jnp.float16
-    # A power of two (exp2 of an integer, rounded through bf16 so that it is exact), clamped so σ² stays finite.
-    sigma = jnp.exp2(-jnp.ceil(jnp.log2(jnp.clip(tile_max(jnp.abs(k.astype(f32))), 2.0**-60, 2.0**60))))
-    sigma = sigma.astype(jnp.bfloat16).astype(f32)
-    k16 = to_f16_range(k.astype(f32) * sigma).astype(f16)
+    f16 = jnp.float16
+    k16, sigma = scaled_f16(k, target=1.0)  # max|k σ| ≤ 1 bounds the scores' magnitude
     h_max = tile_max(jnp.abs(h0))
     h16 = (h0 / jnp.where(h_max > 0, h_max, 1)).astype(f16)
     h_weight, k_weight = decay * h_max, 1 / (sigma * sigma)
@@ -187,6 +184,12 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
         return h_weight * dot(parts, h16, precision=BF16X3) + k_weight * dot(scores, k16, precision=BF16X3)
 
     return apply_h, row_scale
+
+
+def _products(keys_exact):
+    """Backend.precision's level for GKA's per-chunk kernels: F16 for bf16 inputs (keys exact in fp16), BF16X3 for
+    float32 ones."""
+    return F16 if keys_exact else BF16X3
 
 
 def _chunk_spec(*shape):
@@ -223,7 +226,8 @@ def _chebyshev_pallas(solver, ops, rhs, lam, f):
     whole = lambda a: pl.BlockSpec((None, *a.shape[1:]), lambda i, j: (i,) + (0,) * (a.ndim - 1))
     block = lambda a: pl.BlockSpec((None, block_rows, a.shape[-1]), lambda i, j: (i, j, 0))
     h0, decay, mask, k = args
-    kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=backend.precision(BF16X3))
+    precision = backend.precision(_products(solver.keys_exact))
+    kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=precision)
     x = backend.call(kernel, grid=(h0.shape[0], c // block_rows),
                      in_specs=[whole(h0), block(decay), block(mask), whole(k)] + [block(r) for r in rows],
                      out_specs=block(rows[0]), out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
@@ -377,8 +381,7 @@ def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
     shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
-    grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8,
-                       level=F16 if keys_exact else BF16X3)
+    grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8, level=_products(keys_exact))
     dk = ops[3].shape[-1]
     unpad = (lambda g: g[:, :dk, :dk], lambda g: g, lambda g: g, lambda g: g[..., :dk])
     return tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
