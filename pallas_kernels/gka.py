@@ -39,20 +39,41 @@ def _safe_sqrt(x):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1)), 0)
 
 
-def _chebyshev(apply_h, q, lam, f, num_iter):
-    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0."""
+def _chebyshev(apply_h, q, lam, f, num_iter, first=(None, 0)):
+    """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0.
+
+    In residual form: each product acts on the step's update Δ = x_{k+1} − x_k, which shrinks as the iteration
+    converges, while x and the residual r = q − (H + λI) x accumulate in float32. Rounding a product's operand
+    then perturbs r by ε‖H‖‖Δ‖ instead of ε‖H‖‖x‖, and x ≈ q/λ is large where no recent key points (the read-out
+    amplifies errors there up to 1/r = 50×). With fp16 operands in one part, GKA's bf16 output error was 2.8e-3 as
+    with float32 products, against 9.4e-3–6.7e-2 in the x-form (x_{k+1} from A x_k; measured on a CPU with the
+    products emulated). Same iterates in exact arithmetic, same number of products (num_iter).
+    first = (apply, n): the first n products take that operator instead (a more accurate one while Δ is large)."""
     den = 2 * lam + f
     gamma = jnp.where(den > 0, 2 / jnp.where(den > 0, den, 1), 0)
     c = (f * gamma / 4) ** 2  # (ρ/2)², ρ = f / (2λ + f)
+    x = gamma * q
+    if num_iter == 0:
+        return x
+    apply_first, n_first = first
+    apply_first = apply_first if n_first else apply_h
 
-    def body(_, carry):
-        x_prev, x, omega = carry
+    def update(omega, d, r):
         omega = 1 / (1 - c * omega)
-        x_new = omega * (x - gamma * (apply_h(x) + lam * x - q)) + (1 - omega) * x_prev
-        return x, x_new, omega
+        return omega, omega * gamma * r + (omega - 1) * d
 
-    init = (jnp.zeros_like(q), gamma * q, jnp.full_like(c, 2))
-    return jax.lax.fori_loop(0, num_iter, body, init)[1]
+    def body(apply):
+        def step(_, carry):
+            x, d, r, omega = carry
+            omega, d = update(omega, d, r)
+            return x + d, d, r - apply(d) - lam * d, omega
+        return step
+
+    carry = (x, x, q - apply_first(x) - lam * x, jnp.full_like(c, 2))
+    split = min(max(n_first - 1, 0), num_iter - 1)  # the products after the first, in the loop
+    carry = jax.lax.fori_loop(0, split, body(apply_first), carry)
+    x, d, r, omega = jax.lax.fori_loop(split, num_iter - 1, body(apply_h), carry)
+    return x + update(omega, d, r)[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +158,8 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     h0, decay, mask, k = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...]
     rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
     if precision == F16:
-        apply_h, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
-        x_ref[...] = _chebyshev(apply_h, row_scale * rhs, lam, f, num_iter) / row_scale
+        apply_h, first, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
+        x_ref[...] = _chebyshev(apply_h, row_scale * rhs, lam, f, num_iter, first) / row_scale
         return
     if precision == BF16X3:
         h0 = split16(h0)
@@ -154,21 +175,27 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
 
 
 # The iterate's rows are solved scaled by ITERATE_SCALE·λ/‖q‖: as ‖x‖ ≤ ‖q‖/λ and ≥ ‖q‖/(λ + f) = ‖q‖/(51 λ) at
-# r = 0.02, their norms stay within ~[5, 512] whatever the inputs' scale, inside fp16's range with room to spare.
+# r = 0.02, their norms stay within ~[5, 512] whatever the inputs' scale, inside fp16's range with room to spare;
+# the updates that the products take are at most a few times ‖x‖ and shrink with the iteration's error.
 ITERATE_SCALE = 256.0
+# The fp16 solve's first products take the masked scores in two fp16 parts (_fp16_operator). In one part throughout,
+# GKA's dk error on (2, 200, 2, 64, 64) went from 3.1e-3 to 7.5e-3; two parts for the first 5 products 4.9e-3, for
+# the first 10 or for all 3.1e-3 (CPU, products emulated). At T = 32768 on an H100, GKA took 16.00 / 57.59 ms
+# fwd / fwd+bwd with one part throughout against 16.63 / 58.87 with two, side by side, and two for the first 10
+# timed as one throughout (15.83 / 57.21 against 15.91 / 57.33, on another machine).
+TWO_PART_SCORES = 10
 
 
 def _fp16_operator(h0, decay, mask, k, rhs, lam):
-    """The chunk operator on fp16 tensor-core passes (Triton, bf16 keys), and the per-row scale of the solve.
+    """The chunk operator on fp16 tensor-core passes (Triton, bf16 keys) as _chebyshev's (apply_h, first), and the
+    per-row scale of the solve.
 
     fp16 has 3 more significant bits than bf16 at the same speed, in a narrower range, so everything is scaled
-    into it: keys by a power of two (exactly: 8-bit bf16 values fit fp16's 11), H₀ by 1/max|H₀| (one fp16 part,
-    11 bits), each row of the iterate by ITERATE_SCALE·λ/‖q‖ (the solve is linear in q). The iterate and the
-    masked scores enter in two fp16 parts (~22 bits): 6 passes where bf16x3 takes 7, with the same output errors
-    and gradients within 0.3e-3 of bf16x3's (bf16 inputs, measured on a CPU with the products emulated). GKA at
-    T = 32768 on an H100: 19.56 / 67.05 ms fwd / fwd+bwd against 21.77 / 71.50 with bf16x3, side by side. One
-    part for the scores (5 passes: 18.38 / 64.44) doubled GKA's dk error on (2, 200, 2, 64, 64); one for the
-    iterate against the keys took its output error to 1.6e-2–6.7e-2."""
+    into it: keys by a power of two (exactly: 8-bit bf16 values fit fp16's 11), H₀ by 1/max|H₀|, each row of the
+    iterate by ITERATE_SCALE·λ/‖q‖ (the solve is linear in q). Every operand is one fp16 part (3 passes per
+    iteration), except the masked scores of the first TWO_PART_SCORES products, in two (4 passes). That holds GKA's
+    errors only because _chebyshev multiplies its updates, not its iterate: in the x-form this operator needed the
+    iterate and the scores in two parts at every iteration (6 passes)."""
     f16 = jnp.float16
     k16, sigma = scaled_f16(k, target=1.0)  # max|k σ| ≤ 1 bounds the scores' magnitude
     h_max = tile_max(jnp.abs(h0))
@@ -178,12 +205,15 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
     scalable = (lam > 0) & (q_norm > 0)
     row_scale = jnp.where(scalable, ITERATE_SCALE * lam / jnp.where(scalable, q_norm, 1), 1)
 
-    def apply_h(x):
-        parts = split16(x, f16)
-        scores = split16(dot(parts, k16, tb=True, precision=BF16X3) * mask, f16)
-        return h_weight * dot(parts, h16, precision=BF16X3) + k_weight * dot(scores, k16, precision=BF16X3)
+    def operator(score_parts):
+        def apply_h(x):
+            x16 = x.astype(f16)
+            scores = dot(x16, k16, tb=True) * mask
+            scores = split16(scores, f16) if score_parts == 2 else scores.astype(f16)
+            return h_weight * dot(x16, h16) + k_weight * dot(scores, k16, precision=BF16X3)
+        return apply_h
 
-    return apply_h, row_scale
+    return operator(1), (operator(2), TWO_PART_SCORES), row_scale
 
 
 def _products(keys_exact):
