@@ -159,9 +159,11 @@ def test_bad_layer_types(qwen3):
 
 def test_hybrid_on_pallas_kernels_matches_chunked(qwen3, rng):
     """Every SSM layer type through the Pallas kernels (interpreted here) gives the chunked form's logits and
-    finite parameter gradients: to 1e-5 with the Mosaic variant's float32 products; the Triton variant (what
-    impl='auto' runs on GPUs) to 1e-2, since its GKA kernels take bf16x3 products: 2e-4 relative error in this
-    model's GKA output (as large as 30 vs 200 Chebyshev iterations: 1.8e-4), ~10× larger in its logits."""
+    finite parameter gradients: to 3e-5 with the Mosaic variant's float32 products (measured 1.1e-5: the kernel and
+    XLA round GKA's residual-form solve differently, though each is nearer float64 than the x-form was, GKA's
+    output 2.8e-6 and 2.4e-6 off it against 7.2e-6 and 8.1e-6 on (1, 1000, 2, 128, 128); 2.6e-6 here in the
+    x-form); the Triton variant (what impl='auto' runs on GPUs) to 2e-3, its GKA kernels taking bf16x3 products
+    (measured 3.9e-4; 7.5e-3 in the x-form)."""
     model, cfg = qwen3
     ids = jnp.asarray(rng.randint(0, cfg.vocab_size, size=(2, 21)))
     logits = {}
@@ -169,8 +171,8 @@ def test_hybrid_on_pallas_kernels_matches_chunked(qwen3, rng):
         hybrid, _ = prime(model, cfg, SSMConfig(("gka", "attention", "gdn", "mamba2"), chunk_size=16, impl=impl))
         logits[impl] = np.asarray(hybrid(ids))
     err = lambda impl: np.abs(logits[impl] - logits["chunked"]).max() / np.abs(logits["chunked"]).max()
-    assert err("pallas_mosaic") <= 1e-5
-    assert err("pallas") <= 1e-2
+    assert err("pallas_mosaic") <= 3e-5
+    assert err("pallas") <= 2e-3
 
     graph, params, rest = nnx.split(hybrid, nnx.Param, ...)
     loss = lambda p: jnp.mean(nnx.merge(graph, p, rest)(ids) ** 2)
