@@ -88,8 +88,9 @@ class Solver:
     keys_exact: bool = False
     # Rows of a chunk per kernel program (rows are independent) and warps per program. H100, bf16 keys, 30
     # iterations, bf16x3 products at T = 8192: 16 rows 4.62 ms, 32 rows 4.90, 64 rows 7.03 (8 warps 7.00, 2 warps
-    # 433), 16 rows at 8 warps 6.19; fp16 products at T = 32768: 16 rows 13.91, 32 rows 19.55 (8 warps 15.82),
-    # 8 rows 27.26, 64 rows at 8 warps 19.39, 16 rows at 2 warps 17.71.
+    # 433), 16 rows at 8 warps 6.19; fp16 products in the x-form (6 passes) at T = 32768: 16 rows 13.91, 32 rows
+    # 19.55 (8 warps 15.82), 8 rows 27.26, 64 rows at 8 warps 19.39, 16 rows at 2 warps 17.71. Not re-swept for
+    # the residual form.
     block_rows: int = 16
     num_warps: int = 4
 
