@@ -128,7 +128,7 @@ def _heads(u):
 
 
 def decay_views(prefix):
-    """G [BH, N, C] as a column and a row (reshapes, no copies)."""
+    """G [BH, N, C] (or any per-token [BH, N, C] gate) as a float32 column and row (reshapes, no copies)."""
     return prefix[..., :, None].astype(f32), prefix[..., None, :].astype(f32)
 
 

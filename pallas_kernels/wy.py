@@ -64,7 +64,7 @@ def _diagonal_inverse(blocks, precision):
     return xs
 
 
-def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, beta_row_ref, w_ref, u_ref, *t_ref, block, precision,
+def _fwd_kernel(k_ref, v_ref, beta_ref, beta_row_ref, gc_ref, gr_ref, w_ref, u_ref, *t_ref, block, precision,
                 wu_precision):
     nb = k_ref.shape[0] // block
     part = lambda i: pl.ds(i * block, block)
@@ -83,10 +83,12 @@ def _fwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, beta_row_ref, w_ref, u_r
     # (bf16: exact in one part, against T's columns in two at BF16X3).
     mm = functools.partial(dot, precision=wu_precision)
     operand = lambda ref, j: ref[part(j), :] if wu_precision == BF16X3 else ref[part(j), :].astype(f32)
+    value_scale = [beta_row_ref[:, part(j)] for j in range(nb)]
+    key_scale = [b * jnp.exp(gr_ref[:, part(j)]) for j, b in enumerate(value_scale)]
     for i in range(nb):
-        w_ref[part(i), :] = sum(mm(x[i, j] * beta_row_ref[:, part(j)] * jnp.exp(gr_ref[:, part(j)]),
-                                   operand(k_ref, j)) for j in range(i + 1)).astype(w_ref.dtype)
-        u_ref[part(i), :] = sum(mm(x[i, j] * beta_row_ref[:, part(j)], operand(v_ref, j))
+        w_ref[part(i), :] = sum(mm(x[i, j] * key_scale[j], operand(k_ref, j))
+                                for j in range(i + 1)).astype(w_ref.dtype)
+        u_ref[part(i), :] = sum(mm(x[i, j] * value_scale[j], operand(v_ref, j))
                                 for j in range(i + 1)).astype(u_ref.dtype)
     if t_ref:  # wy_forward's with_t
         for i in range(nb):
@@ -125,10 +127,6 @@ def _bwd_kernel(k_ref, v_ref, beta_ref, gc_ref, gr_ref, t_ref, dw_ref, du_ref, d
     dg_out[...] = dg - row(k32 * qtk)
 
 
-def _column(x):
-    return x[..., None].astype(f32)
-
-
 def wy_forward(backend: Backend, k, v, beta, prefix, with_t=True):
     """(W in k's layout and dtype, Ũ in v's, T float32 [BH, N, C, C] or, without with_t, None) from k [·, K]
     and v [·, V] head-chunked [BH, N, C, ·] or token-major [B, N, C, H, ·] (Triton), β and the in-chunk prefix
@@ -140,7 +138,7 @@ def wy_forward(backend: Backend, k, v, beta, prefix, with_t=True):
     kernel = functools.partial(_fwd_kernel, block=block, precision=inverse, wu_precision=wu)
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(k), like(v)] + [jax.ShapeDtypeStruct((*beta.shape, c), f32)] * with_t
-    ins = (k, v, _column(beta), *decay_views(prefix), beta[..., None, :].astype(f32))
+    ins = (k, v, *decay_views(beta), *decay_views(prefix))  # β and G each as a column and a row
     w, u, *t = backend.call(kernel, grid=chunk_grid(k), in_specs=[chunk_tile(x) for x in ins],
                             out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
                             semantics=("parallel", "parallel"), num_warps=TRITON["fwd"][0],
@@ -156,7 +154,7 @@ def wy_backward(backend: Backend, k, v, beta, prefix, t, dw, du, dk):
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     column = jax.ShapeDtypeStruct((*beta.shape, 1), f32)
     out_shape = [like(k), like(v), column, column]
-    ins = (k, v, _column(beta), *decay_views(prefix), t, dw, du, dk)
+    ins = (k, v, decay_views(beta)[0], *decay_views(prefix), t, dw, du, dk)
     dk, dv, dbeta, dg = backend.call(kernel, grid=chunk_grid(k), in_specs=[chunk_tile(x) for x in ins],
                                      out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
                                      semantics=("parallel", "parallel"), num_warps=TRITON["bwd"][0],
