@@ -91,7 +91,7 @@ class Solver:
     # 433), 16 rows at 8 warps 6.19; fp16 products in the x-form (6 passes) at T = 32768: 16 rows 13.91, 32 rows
     # 19.55 (8 warps 15.82), 8 rows 27.26, 64 rows at 8 warps 19.39, 16 rows at 2 warps 17.71. Not re-swept for
     # the residual form.
-    block_rows: int = 16
+    block_rows: int = 32
     num_warps: int = 4
 
     def __call__(self, apply_h, ops, rhs, lam, f):
