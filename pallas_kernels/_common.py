@@ -92,16 +92,33 @@ def from_chunks(x, t: int):
     return x[:, :t]
 
 
+@jax.custom_jvp
+def _segment_sums(g):
+    """seg[t, s] = Σ_{j=s+1..t} g_j for t > s, else 0, from log decays g [..., C]: a cumulative sum down the rows of
+    g_t masked to t > s, so no difference of prefix sums cancels."""
+    c = g.shape[-1]
+    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
+    return jnp.cumsum(jnp.where(strict, g[..., :, None], 0), axis=-2)
+
+
+@_segment_sums.defjvp
+def _segment_sums_jvp(primals, tangents):
+    """The same linear map as a difference of prefix sums, whose transpose is row sums minus column sums and one
+    reverse cumulative sum over C. Transposed as written above, it was a cumulative sum over every [C, C] tile:
+    5.0 ms of GKA's backward at T = 32768 on an H200."""
+    (g,), (dg,) = primals, tangents
+    c = g.shape[-1]
+    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
+    prefix = jnp.cumsum(dg, axis=-1)
+    return _segment_sums(g), jnp.where(strict, prefix[..., :, None] - prefix[..., None, :], 0)
+
+
 def chunk_decay(g):
-    """For log decays g [..., C]: the in-chunk prefix G [..., C] and the masked decay matrix M [..., C, C]."""
+    """For log decays g [..., C]: the in-chunk prefix G [..., C] and the masked decay matrix M [..., C, C]
+    (M[t, s] = e^{G_t − G_s} for s ≤ t, from segment sums: exp never sees anything but a causal segment or 0)."""
     c = g.shape[-1]
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
-    # seg[t, s] = Σ_{j=s+1..t} g_j: cumulative sum down the rows of g_t masked to t > s (0 for s ≥ t, so the
-    # exp below never sees anything but a causal segment sum or 0).
-    seg = jnp.cumsum(jnp.where(strict, g[..., :, None], 0), axis=-2)
-    decay = jnp.where(causal, jnp.exp(seg), 0)
-    return jnp.cumsum(g, axis=-1), decay
+    return jnp.cumsum(g, axis=-1), jnp.where(causal, jnp.exp(_segment_sums(g)), 0)
 
 
 def prepare(op: str, q, k, v, initial_state, scale, chunk_size: int):
