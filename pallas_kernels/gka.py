@@ -86,11 +86,10 @@ class Solver:
     backend: Backend | None = None
     precision: object = jax.lax.Precision.HIGHEST
     keys_exact: bool = False
-    # Rows of a chunk per kernel program (rows are independent) and warps per program. H100, bf16 keys, 30
-    # iterations, bf16x3 products at T = 8192: 16 rows 4.62 ms, 32 rows 4.90, 64 rows 7.03 (8 warps 7.00, 2 warps
-    # 433), 16 rows at 8 warps 6.19; fp16 products in the x-form (6 passes) at T = 32768: 16 rows 13.91, 32 rows
-    # 19.55 (8 warps 15.82), 8 rows 27.26, 64 rows at 8 warps 19.39, 16 rows at 2 warps 17.71. Not re-swept for
-    # the residual form.
+    # Rows of a chunk per kernel program (rows are independent) and warps per program. The residual form's fp16
+    # kernel (bf16 keys, 30 iterations, T = 32768, H200): 32 rows at 4 warps 8.12 ms, 8 warps 10.84; 16 rows
+    # 10.39 (2 warps 12.75, 8 warps 14.36); 64 rows 14.39 (8 warps 10.36); 8 rows 18.53 (2 warps 22.27). In the
+    # x-form (6 fp16 passes, H100) 16 rows had been fastest (13.91 against 19.55 for 32).
     block_rows: int = 32
     num_warps: int = 4
 
@@ -187,6 +186,7 @@ ITERATE_SCALE = 256.0
 # fwd / fwd+bwd with one part throughout against 16.63 / 58.87 with two, side by side, and two for the first 10
 # timed as one throughout (15.83 / 57.21 against 15.91 / 57.33, on another machine).
 TWO_PART_SCORES = 10
+ACC_CHAIN = True
 
 
 def _fp16_operator(h0, decay, mask, k, rhs, lam):
@@ -204,6 +204,7 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
     h_max = tile_max(jnp.abs(h0))
     h16 = (h0 / jnp.where(h_max > 0, h_max, 1)).astype(f16)
     h_weight, k_weight = decay * h_max, 1 / (sigma * sigma)
+    h_ratio = h_weight * (sigma * sigma)
     q_norm = jnp.sqrt(jnp.sum(rhs * rhs, axis=1, keepdims=True))
     scalable = (lam > 0) & (q_norm > 0)
     row_scale = jnp.where(scalable, ITERATE_SCALE * lam / jnp.where(scalable, q_norm, 1), 1)
@@ -213,7 +214,9 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
             x16 = x.astype(f16)
             scores = dot(x16, k16, tb=True) * mask
             scores = split16(scores, f16) if score_parts == 2 else scores.astype(f16)
-            return h_weight * dot(x16, h16) + k_weight * dot(scores, k16, precision=BF16X3)
+            if not ACC_CHAIN:
+                return h_weight * dot(x16, h16) + k_weight * dot(scores, k16, precision=BF16X3)
+            return k_weight * dot(scores, k16, precision=BF16X3, acc=h_ratio * dot(x16, h16))
         return apply_h
 
     return operator(1), (operator(2), TWO_PART_SCORES), row_scale
