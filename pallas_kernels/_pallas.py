@@ -105,29 +105,25 @@ def scaled_f16(x, parts: int = 1, target: float = 2.0**14):
     return (split16(x, jnp.float16) if parts == 2 else x.astype(jnp.float16)), s
 
 
-def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None, acc=None):
-    """acc + a @ b (aᵀ, bᵀ when ta, tb; acc None: 0) with float32 accumulation; precision from Backend.precision.
+def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
+    """a @ b (aᵀ, bᵀ when ta, tb) with float32 accumulation; precision from Backend.precision.
 
     BF16X3: hi·hi + lo·hi + hi·lo over split16 parts (lo·lo dropped), so a product takes three bf16 passes, two
     when one operand is 16-bit and one when both are: operands keep their own dtypes (a or b may be a split pair,
     bf16 or fp16, the other operand of the same dtype). F16: one pass over scaled_f16 parts (an operand may be
-    scaled_f16's (value, scale) with a pair for its value, which adds a pass). Each pass adds onto acc as it
-    comes (acc + a @ b), the form that Triton turns into a tensor-core product accumulating in place: no second
-    accumulator tile.
+    scaled_f16's (value, scale) with a pair for its value, which adds a pass).
     """
     if precision == F16:  # operands as they come from scaled_f16, or arrays that it converts here
         (a, sa), (b, sb) = (x if isinstance(x, tuple) else scaled_f16(x) for x in (a, b))
-        out = dot(a, b, ta=ta, tb=tb, precision=BF16X3) / (sa * sb)
-        return out if acc is None else acc + out
+        return dot(a, b, ta=ta, tb=tb, precision=BF16X3) / (sa * sb)
     if precision == BF16X3:
         (a_hi, a_lo), (b_hi, b_lo) = split16(a), split16(b)
-        acc = dot(a_hi, b_hi, ta=ta, tb=tb, acc=acc)
+        out = dot(a_hi, b_hi, ta=ta, tb=tb)
         if a_lo is not None:
-            acc = dot(a_lo, b_hi, ta=ta, tb=tb, acc=acc)
-        return acc if b_lo is None else dot(a_hi, b_lo, ta=ta, tb=tb, acc=acc)
+            out = out + dot(a_lo, b_hi, ta=ta, tb=tb)
+        return out if b_lo is None else out + dot(a_hi, b_lo, ta=ta, tb=tb)
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    out = jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-    return out if acc is None else acc + out
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def corrected_values(u, w, s, precision=None):

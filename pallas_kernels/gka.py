@@ -186,7 +186,6 @@ ITERATE_SCALE = 256.0
 # fwd / fwd+bwd with one part throughout against 16.63 / 58.87 with two, side by side, and two for the first 10
 # timed as one throughout (15.83 / 57.21 against 15.91 / 57.33, on another machine).
 TWO_PART_SCORES = 10
-ACC_CHAIN = True
 
 
 def _fp16_operator(h0, decay, mask, k, rhs, lam):
@@ -204,7 +203,6 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
     h_max = tile_max(jnp.abs(h0))
     h16 = (h0 / jnp.where(h_max > 0, h_max, 1)).astype(f16)
     h_weight, k_weight = decay * h_max, 1 / (sigma * sigma)
-    h_ratio = h_weight * (sigma * sigma)
     q_norm = jnp.sqrt(jnp.sum(rhs * rhs, axis=1, keepdims=True))
     scalable = (lam > 0) & (q_norm > 0)
     row_scale = jnp.where(scalable, ITERATE_SCALE * lam / jnp.where(scalable, q_norm, 1), 1)
@@ -214,9 +212,7 @@ def _fp16_operator(h0, decay, mask, k, rhs, lam):
             x16 = x.astype(f16)
             scores = dot(x16, k16, tb=True) * mask
             scores = split16(scores, f16) if score_parts == 2 else scores.astype(f16)
-            if not ACC_CHAIN:
-                return h_weight * dot(x16, h16) + k_weight * dot(scores, k16, precision=BF16X3)
-            return k_weight * dot(scores, k16, precision=BF16X3, acc=h_ratio * dot(x16, h16))
+            return h_weight * dot(x16, h16) + k_weight * dot(scores, k16, precision=BF16X3)
         return apply_h
 
     return operator(1), (operator(2), TWO_PART_SCORES), row_scale
