@@ -198,10 +198,10 @@ def _wy_pallas(backend, k, v, beta, prefix):
 
 def _wy_xla(k, v, beta, prefix):
     """The WY preparation in float32 XLA (the gated delta rule's Pallas path before wy_forward)."""
+    from pallas_kernels._common import lower_mask
     from pallas_kernels.gated_delta_rule import wy_terms
 
-    c = beta.shape[-1]
-    strict = jnp.tril(jnp.ones((c, c), dtype=bool), -1)
+    strict = lower_mask(beta.shape[-1], strict=True)
     decay = jnp.exp(jnp.where(strict, prefix[..., :, None] - prefix[..., None, :], -jnp.inf))
     w, u = wy_terms(k.astype(jnp.float32), v.astype(jnp.float32), beta, jnp.exp(prefix), decay, jnp.einsum)
     return w.astype(k.dtype), u.astype(v.dtype)

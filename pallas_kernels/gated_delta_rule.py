@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
-                                    from_kernel_state, kernel_chunking, kernel_state, prepare, resolve_impl,
-                                    to_chunks, to_head_chunks)
+                                    from_kernel_state, kernel_chunking, kernel_state, lower_mask, prepare,
+                                    resolve_impl, to_chunks, to_head_chunks)
 from pallas_kernels._pallas import backend_for, pad_axis
 from pallas_kernels.chunk_output import local_values_grad, output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, delta_reverse_pass, state_pass
@@ -81,7 +81,7 @@ unit_lower_inverse.defvjp(_inverse_fwd, _inverse_bwd)
 def wy_terms(k, v, beta, gamma, decay, mm=einsum):
     """W = T diag(β e^G) K and Ũ = T diag(β) V with T = (I + A)⁻¹, A = strict_lower(diag(β) (K Kᵀ) ∘ M), in XLA:
     k [..., C, K], v [..., C, V], β and γ = e^G [..., C], the decay matrix M [..., C, C]; mm the einsum."""
-    strict = jnp.tril(jnp.ones(decay.shape[-2:], dtype=bool), -1)
+    strict = lower_mask(decay.shape[-1], strict=True)
     tri = unit_lower_inverse(jnp.where(strict, beta[..., None] * mm("...tk,...sk->...ts", k, k) * decay, 0))
     return (mm("...ts,...sk->...tk", tri, (beta * gamma)[..., None] * k),
             mm("...ts,...sv->...tv", tri, beta[..., None] * v))
