@@ -94,16 +94,15 @@ class Solver:
     num_warps: int = 4
 
     def __call__(self, apply_h, ops, rhs, lam, f):
-        """x ≈ (H + λI)⁻¹ rhs row by row, and rhs itself in rows with f = 0 (the kernel selects in place: as an
-        XLA select of its output it took 0.31 ms of GKA's fwd+bwd at T = 32768 on an H200)."""
         if self.backend is None:
-            x = _chebyshev(partial(apply_h, ops, precision=self.precision), rhs, lam, f, self.num_iter)
-            return jnp.where(f > 0, x, rhs)
+            return _chebyshev(partial(apply_h, ops, precision=self.precision), rhs, lam, f, self.num_iter)
         return _chebyshev_pallas(self, ops, rhs, lam, f)
 
     def operator_vjp(self, apply_h, ops, x, ct):
-        """The cotangent of ops for ct on apply_h(ops, x), by XLA autodiff (the kernels' is in _kernel_solve)."""
-        return jax.vjp(lambda o: apply_h(o, x), ops)[1](ct)[0]
+        """The cotangent of ops for ct on apply_h(ops, x): XLA autodiff, or the Pallas kernel (chunk operators)."""
+        if self.backend is None:
+            return jax.vjp(lambda o: apply_h(o, x), ops)[1](ct)[0]
+        return _chunk_grads(self.backend, _operator_vjp_kernel, "gka_operator_vjp", ops, self.keys_exact, x, ct)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -116,7 +115,7 @@ def _ridge_solve(apply_h, solver, ops, lam, f, q):
 
 
 def _ridge_solve_fwd(apply_h, solver, ops, lam, f, q):
-    x = solver(apply_h, ops, q, lam, f)
+    x = jnp.where(f > 0, solver(apply_h, ops, q, lam, f), q)
     return x, (ops, lam, f, x)
 
 
@@ -125,11 +124,11 @@ def _ridge_solve_bwd(apply_h, solver, res, dx):
     # VJP of ops ↦ H(ops)x at −dq, and λ as −dq·x. f only sets the Chebyshev constants: the exact solution does
     # not depend on it (its true dependence on H is carried by λ = r·f outside this function).
     ops, lam, f, x = res
-    solved = solver(apply_h, ops, dx, lam, f)  # dx itself where f = 0: q's cotangent there
-    dq = jnp.where(f > 0, solved, 0)
+    has_keys = f > 0
+    dq = jnp.where(has_keys, solver(apply_h, ops, dx, lam, f), 0)
     dops = solver.operator_vjp(apply_h, ops, x, -dq)
     dlam = -jnp.sum(dq * x, axis=-1, keepdims=True)
-    return dops, dlam, jnp.zeros_like(f), solved
+    return dops, dlam, jnp.zeros_like(f), jnp.where(has_keys, dq, dx)
 
 
 _ridge_solve.defvjp(_ridge_solve_fwd, _ridge_solve_bwd)
@@ -150,7 +149,7 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
 
 
 def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
-    """One chunk's Chebyshev solve with everything on chip for all iterations (rows with f = 0: rhs, as Solver).
+    """One chunk's Chebyshev solve with everything on chip for all iterations.
 
     precision from _products: F16 (Triton, bf16 keys): fp16 products (_fp16_operator). BF16X3 (Triton, float32
     keys): H₀ split once per program, ~16 significant bits (GKA's float32 output error ≤ 6.2e-5 against the
@@ -162,7 +161,7 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
     if precision == F16:
         apply_h, first, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
-        x_ref[...] = jnp.where(f > 0, _chebyshev(apply_h, row_scale * rhs, lam, f, num_iter, first) / row_scale, rhs)
+        x_ref[...] = _chebyshev(apply_h, row_scale * rhs, lam, f, num_iter, first) / row_scale
         return
     if precision == BF16X3:
         h0 = split16(h0)
@@ -174,7 +173,7 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
         xk = mm(x, k, tb=True) * mask
         return decay * mm(x, h0) + mm(xk, k)
 
-    x_ref[...] = jnp.where(f > 0, _chebyshev(apply_h, rhs, lam, f, num_iter), rhs)
+    x_ref[...] = _chebyshev(apply_h, rhs, lam, f, num_iter)
 
 
 # The iterate's rows are solved scaled by ITERATE_SCALE·λ/‖q‖: as ‖x‖ ≤ ‖q‖/λ and ≥ ‖q‖/(λ + f) = ‖q‖/(51 λ) at
@@ -346,119 +345,94 @@ def _frobenius_fwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, *, precisio
     f_ref[...] = _safe_sqrt(f2)
 
 
-def _frobenius_vjp(h0, decay, mask, k, f, df, *, precision):
-    """The cotangent tiles (dH₀, d decay, dM, dK) of _frobenius_terms' f = √f2 for df (derivation in
-    _frobenius)."""
+def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
+                          *, precision):
+    """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
     mm = partial(dot, precision=precision)
+    h0, decay, mask, k, f = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], f_ref[...]
     _, (k32, kh, c_row, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
     pos = f > 0
-    df2 = jnp.where(pos, df / (2 * jnp.where(pos, f, 1)), 0)
+    df2 = jnp.where(pos, df_ref[...] / (2 * jnp.where(pos, f, 1)), 0)
     v = 2 * df2 * decay
+    ddecay_ref[...] = 2 * df2 * (decay * h0_sq + mc)
     w = _flip(jnp.sum(mask * v, axis=0, keepdims=True))  # w_s = Σ_t M[t,s] v_t
+    dh0_ref[...] = 2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, k, ta=True)
     d_kk = 2 * kk * mm(mask, df2 * mask, ta=True)
-    return (2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, k, ta=True), 2 * df2 * (decay * h0_sq + mc),
-            v * c_row + 2 * df2 * mw, w * (kh + mm(k, h0, tb=True)) + 2 * mm(d_kk, k))
+    dk_ref[...] = w * (kh + mm(k, h0, tb=True)) + 2 * mm(d_kk, k)
+    dmask_ref[...] = v * c_row + 2 * df2 * mw
 
 
-def _operator_vjp(h0, decay, mask, k, x, y, *, precision):
-    """The cotangent tiles of (H₀, decay, M, K) for y on _apply_chunk's rows x: out = decay ∘ (X H₀ᵀ) +
-    ((X Kᵀ) ∘ M) K, so dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
+def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
+                         *, precision):
+    """The cotangent of (H₀, decay, M, K) for y on _apply_chunk's rows x: out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
+    so dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
     dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X."""
     mm = partial(dot, precision=precision)
-    dh0 = mm(decay * y, x, ta=True)
-    ddecay = jnp.sum(y * mm(x, h0, tb=True), axis=1, keepdims=True)
+    h0, decay, mask, k, x, y = (r[...] for r in (h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref))
+    dh0_ref[...] = mm(decay * y, x, ta=True)
+    ddecay_ref[...] = jnp.sum(y * mm(x, h0, tb=True), axis=1, keepdims=True)
     if precision == F16:  # the scores take x and y in two parts (in one, GKA's dg error went 1.7e-3 → 4.2e-3)
         x2, y2, k = scaled_f16(x, parts=2), scaled_f16(y, parts=2), scaled_f16(k)
         xk, yk = mm(x2, k, tb=True), mm(y2, k, tb=True)
     else:
         xk, yk = mm(x, k, tb=True), mm(y, k, tb=True)
-    return dh0, ddecay, xk * yk, mm(xk * mask, y, ta=True) + mm(yk * mask, x, ta=True)
+    dmask_ref[...] = xk * yk
+    dk_ref[...] = mm(xk * mask, y, ta=True) + mm(yk * mask, x, ta=True)
 
 
-def _grads_kernel(*refs, tiles, n_in, onto, precision):
-    """A per-chunk VJP kernel: tiles(*inputs) gives the four cotangent tiles, written to the last four refs, each
-    added onto its tile of another VJP's (the four refs after the inputs) when onto."""
-    ins, outs = refs[:n_in], refs[-4:]
-    grads = tiles(*(r[...] for r in ins), precision=precision)
-    for i, (out, grad) in enumerate(zip(outs, grads)):
-        out[...] = refs[n_in + i][...] + grad if onto else grad
-
-
-def _frobenius(backend, keys_exact, h0, decay, mask, k):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
     """_chunk_frobenius (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as a Pallas kernel per
-    chunk (its VJP: _frobenius_vjp, in _kernel_solve). With
-    f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u], c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ)
-    and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s);
+    chunk, and its VJP as another. With f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u],
+    c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ) and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s);
     with v = 2 df2 ∘ d and w = Mᵀv: dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
     dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. keys_exact: k holds bf16 values (read as bf16)."""
-    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, decay, mask, k), keys_exact, (),
-                      [lambda c, kp: (c, 1)])
-    return f.reshape(k.shape[:-1])
+    return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
 
 
-def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_warps=4, level=BF16X3, extra=()):
-    """One program per chunk of `kernel` (products at Backend.precision(level)) on the chunk operators, row
-    inputs [..., C, K or 1] and extra inputs already in the outputs' layout: returns its float32 outputs
-    [chunks, *shape] for out_shapes given as functions of (C, K')."""
+def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_warps=4, level=BF16X3):
+    """One program per chunk of `kernel` (products at Backend.precision(level)) on the chunk operators and row
+    inputs [..., C, K or 1]: returns its float32 outputs [chunks, *shape] for out_shapes given as functions of
+    (C, K')."""
     args = _chunk_operands(backend, keys_exact, *ops)
-    ins = (*args, *_chunk_rows(args, ops[3].shape[-1], *rows), *extra)
+    rows = _chunk_rows(args, ops[3].shape[-1], *rows)
     n, (c, kp) = args[0].shape[0], args[3].shape[1:]
     shapes = [shape(c, kp) for shape in out_shapes]
     return backend.call(partial(kernel, precision=backend.precision(level)), grid=(n,), num_warps=num_warps,
-                        in_specs=[_chunk_spec(*a.shape[1:]) for a in ins],
+                        in_specs=[_chunk_spec(*a.shape[1:]) for a in (*args, *rows)],
                         out_specs=[_chunk_spec(*s) for s in shapes],
                         out_shape=[jax.ShapeDtypeStruct((n, *s), jnp.float32) for s in shapes],
-                        semantics=("parallel",), name=name)(*ins)
+                        semantics=("parallel",), name=name)(*args, *rows)
 
 
-def _chunk_grads(backend, tiles, name, ops, keys_exact, *rows, onto=()):
-    """Run a per-chunk VJP (tiles: _operator_vjp or _frobenius_vjp) as a kernel (_per_chunk); returns its raw
-    cotangents [chunks, ...] (K padded as the kernels see it; _as_operators takes them back), added in the kernel
-    onto another such result `onto` (not in XLA: adding the two dH₀ there took 0.73 ms of GKA's backward at
-    T = 32768 on an H200). bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd
-    64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors
-    moved by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst 3.3e-3 as before)."""
+def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
+    """Run a per-chunk VJP kernel (_per_chunk); returns the cotangents of the operators in their shapes and
+    dtypes. bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms
+    against 67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg
+    up to 3.3e-4, the gradients' worst 3.3e-3 as before)."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
     shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
-    kernel = partial(_grads_kernel, tiles=tiles, n_in=4 + len(rows), onto=bool(onto))
-    return _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8, level=_products(keys_exact),
-                      extra=onto)
-
-
-def _as_operators(grads, ops):
-    """_chunk_grads' raw cotangents in the operators' shapes and dtypes."""
+    grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8, level=_products(keys_exact))
     dk = ops[3].shape[-1]
     unpad = (lambda g: g[:, :dk, :dk], lambda g: g, lambda g: g, lambda g: g[..., :dk])
     return tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _kernel_solve(solver, ridge_strength, ops, q):
-    """_ridge_solve with λ = ridge_strength·‖H_t‖_F on the kernels (ops as for _apply_chunk, ‖H_t‖_F from them).
-    One VJP for both, so that the operator's VJP kernel adds its cotangents onto ‖H_t‖_F's in the kernel."""
-    return _kernel_solve_fwd(solver, ridge_strength, ops, q)[0]
+def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):
+    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, decay, mask, k), keys_exact, (),
+                      [lambda c, kp: (c, 1)])
+    f = f.reshape(k.shape[:-1])
+    return f, (h0, decay, mask, k, f)
 
 
-def _kernel_solve_fwd(solver, ridge_strength, ops, q):
-    f = _frobenius(solver.backend, solver.keys_exact, *ops)[..., None]
-    x = _ridge_solve_fwd(_apply_chunk, solver, ops, ridge_strength * f, f, q)[0]
-    return x, (ops, f, x)
+def _frobenius_bwd(backend, keys_exact, res, df):
+    h0, decay, mask, k, f = res
+    return _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", (h0, decay, mask, k), keys_exact,
+                        f[..., None], df[..., None])
 
 
-def _kernel_solve_bwd(solver, ridge_strength, res, dx):
-    # As _ridge_solve_bwd, with the operator's VJP at −dq and ‖H_t‖_F's at r·dλ (dλ = −dq·x) in two kernels.
-    ops, f, x = res
-    solved = solver(_apply_chunk, ops, dx, ridge_strength * f, f)
-    dq = jnp.where(f > 0, solved, 0)
-    df = -ridge_strength * jnp.sum(dq * x, axis=-1, keepdims=True)
-    backend, keys_exact = solver.backend, solver.keys_exact
-    grads = _chunk_grads(backend, _frobenius_vjp, "gka_frobenius_bwd", ops, keys_exact, f, df)
-    grads = _chunk_grads(backend, _operator_vjp, "gka_operator_vjp", ops, keys_exact, x, -dq, onto=grads)
-    return _as_operators(grads, ops), solved
-
-
-_kernel_solve.defvjp(_kernel_solve_fwd, _kernel_solve_bwd)
+_frobenius_pallas.defvjp(_frobenius_fwd, _frobenius_bwd)
 
 
 def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
@@ -486,8 +460,10 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, 
     h_kk = h_kk.astype(jnp.float32).reshape(b * h, dk, dk)
     h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
                        ScanConfig(exact=BF16X3))
-    solver = Solver(num_iter, backend, keys_exact=keys_exact)
-    x = _kernel_solve(solver, ridge_strength, (h0, jnp.exp(prefix), mask_decay, k), q)
+    decay = jnp.exp(prefix)
+    f = _frobenius_pallas(backend, keys_exact, h0, decay, mask_decay, k)[..., None]
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend, keys_exact=keys_exact), (h0, decay, mask_decay, k),
+                      ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 

@@ -63,7 +63,8 @@ def _pallas(backend, q, k, v, g, state, scale, chunk_size, exact=False, bf16_val
     dimensions at the backend's kernel widths. exact: more accurate matmuls (Backend.precision's levels; GKA's
     read-out, whose queries are large). bf16_values: float32 k, v that hold bf16 values: at the bf16x3 level the
     kernels read them as bf16, exact in one part, and write the output in bf16 (GKA's, which its caller casts to
-    bf16 anyway: 0.19 ms of XLA convert saved at T = 32768 on an H200).
+    bf16 anyway: GKA's forward at T = 32768 on an H200 took 12.71 ms against 13.02 with a float32 output and an
+    XLA convert, same run).
     v_scale [B, T, H]: the values are v times it (simple_gla's), formed inside the kernels."""
     b, t = q.shape[:2]
     check_pallas_chunk("simple_gla", chunk_size)
