@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
                                     from_head_chunks, resolve_impl, to_chunks, to_head_chunks)
-from pallas_kernels._pallas import (BF16X3, F16, Backend, backend_for, dot, pad_axis, scaled_f16, split16,
-                                    tile_max, tile_sum)
+from pallas_kernels._pallas import (BF16X3, F16, Backend, backend_for, dot, pad_axis, pow2_at_least, scaled_f16,
+                                    split16, tile_max, tile_sum)
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
@@ -149,7 +149,24 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
 
 
 def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
-    """One chunk's Chebyshev solve with everything on chip for all iterations.
+    """Row block j of a chunk (rhs_ref's rows; all rows, or blocks of the grid's second axis): its rows t only see
+    keys s ≤ t, so block j takes the chunk's first (j+1)·rows keys and mask columns. A static branch per block;
+    at 2 blocks of 32 rows the first one's key products are half as large."""
+    rows, c = rhs_ref.shape[0], k_ref.shape[0]
+    if rows == c:
+        return _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, keys=c,
+                                num_iter=num_iter, precision=precision)
+    for j in range(c // rows):
+        keys = min(c, pow2_at_least((j + 1) * rows))  # Triton's blocks: powers of two, at least 16
+        pl.when(pl.program_id(1) == j)(partial(
+            _chebyshev_block, h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, keys=keys,
+            num_iter=num_iter, precision=precision))
+
+
+def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, keys, num_iter,
+                     precision):
+    """One chunk's Chebyshev solve (its rows against its first `keys` keys) with everything on chip for all
+    iterations.
 
     precision from _products: F16 (Triton, bf16 keys): fp16 products (_fp16_operator). BF16X3 (Triton, float32
     keys): H₀ split once per program, ~16 significant bits (GKA's float32 output error ≤ 6.2e-5 against the
@@ -157,7 +174,7 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     the x-form of _chebyshev 1–3e-4 on a CPU, against 6–11e-6 with float32 products and 1–2e-2 with TF32). Mosaic:
     float32-accurate products.
     """
-    h0, decay, mask, k = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...]
+    h0, decay, mask, k = h0_ref[...], decay_ref[...], mask_ref[:, :keys], k_ref[:keys, :]
     rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
     if precision == F16:
         apply_h, first, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
@@ -248,8 +265,8 @@ def _chunk_rows(args, dk, *rows):
 
 def _chebyshev_pallas(solver, ops, rhs, lam, f):
     """The chunk operator's solve as a Pallas kernel: solver.block_rows rows of a chunk per program (rows are
-    independent). ops as for _apply_chunk, with leading axes [..., C, ...]; the Triton variant pads K to a power
-    of two (zero columns solve to zero)."""
+    independent; the mask must be causal, as chunk_decay's is). ops as for _apply_chunk, with leading axes
+    [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
     backend = solver.backend
     args = _chunk_operands(backend, solver.keys_exact, *ops)
     rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
