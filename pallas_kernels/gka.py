@@ -86,10 +86,12 @@ class Solver:
     backend: Backend | None = None
     precision: object = jax.lax.Precision.HIGHEST
     keys_exact: bool = False
-    # Rows of a chunk per kernel program (rows are independent) and warps per program. The residual form's fp16
-    # kernel (bf16 keys, 30 iterations, T = 32768, H200): 32 rows at 4 warps 8.12 ms, 8 warps 10.84; 16 rows
-    # 10.39 (2 warps 12.75, 8 warps 14.36); 64 rows 14.39 (8 warps 10.36); 8 rows 18.53 (2 warps 22.27). In the
-    # x-form (6 fp16 passes, H100) 16 rows had been fastest (13.91 against 19.55 for 32).
+    # Rows of a chunk per kernel program (rows are independent; at least 16 on Triton) and warps per program. The
+    # residual form's fp16 kernel (bf16 keys, 30 iterations, T = 32768, H200), each block against its own keys
+    # (_chebyshev_kernel): 32 rows at 4 warps 7.00 ms; 16 rows 9.38, 2 warps 19.89 (the keys before a block then
+    # in one product over the whole chunk). Before, against the whole chunk's keys: 32 rows 8.12 ms, 8 warps 10.84;
+    # 16 rows 10.39 (2 warps 12.75, 8 warps 14.36); 64 rows 14.39 (8 warps 10.36); 8 rows 18.53 (2 warps 22.27).
+    # In the x-form (6 fp16 passes, H100) 16 rows had been fastest (13.91 against 19.55 for 32).
     block_rows: int = 32
     num_warps: int = 4
 
@@ -149,24 +151,42 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
 
 
 def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
-    """Row block j of a chunk (rhs_ref's rows; all rows, or blocks of the grid's second axis): its rows t only see
-    keys s ≤ t, so block j takes the chunk's first (j+1)·rows keys and mask columns. A static branch per block;
-    at 2 blocks of 32 rows the first one's key products are half as large."""
+    """Row block j of a chunk (rhs_ref's rows; all rows, or blocks of the grid's second axis), one static branch
+    per block. Its rows t ≥ r0 = j·rows see the keys before r0 only through the state just before row r0,
+    H' = e^{G_r0} H₀ + Σ_{s<r0} M[r0,s] k_s k_sᵀ, decayed by M[t,r0] (M[t,s] = M[t,r0] M[r0,s] for s ≤ r0 ≤ t), so
+    every block's solve runs against its own `rows` keys: at two blocks of 32 rows, half the key products of each
+    iteration, for one [K, r0] × [r0, K] product per program (H200, T = 32768, 30 iterations: 7.00 ms against
+    8.12 with the whole chunk's keys, 7.41 with the keys s ≤ t of each block)."""
     rows, c = rhs_ref.shape[0], k_ref.shape[0]
-    if rows == c:
-        return _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, keys=c,
-                                num_iter=num_iter, precision=precision)
     for j in range(c // rows):
-        keys = min(c, pow2_at_least((j + 1) * rows))  # Triton's blocks: powers of two, at least 16
-        pl.when(pl.program_id(1) == j)(partial(
-            _chebyshev_block, h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, keys=keys,
-            num_iter=num_iter, precision=precision))
+        block = partial(_chebyshev_block, h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref,
+                        start=j * rows, num_iter=num_iter, precision=precision)
+        if rows == c:
+            block()
+        else:
+            pl.when(pl.program_id(1) == j)(block)
 
 
-def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, keys, num_iter,
+def _block_operator(h0_ref, decay_ref, mask_ref, k_ref, start, precision):
+    """The chunk operator of rows start… (mask_ref's rows) on their own keys: (H', decay, mask, keys) as in
+    _chebyshev_kernel. The keys' product is float32-accurate enough to stand for H₀ (BF16X3 on Triton)."""
+    rows = mask_ref.shape[0]
+    mask, k = mask_ref[:, start:start + rows], k_ref[start:start + rows, :]
+    if start == 0:
+        return h0_ref[...], decay_ref[...], mask, k
+    n = min(mask_ref.shape[1], pow2_at_least(start))  # the keys before r0 (Triton's blocks: powers of two)
+    first = mask_ref[0:1, :n]  # M[r0, s]
+    before = jax.lax.broadcasted_iota(jnp.int32, first.shape, 1) < start
+    w = _flip(jnp.where(before, first, 0))
+    keys = k_ref[:n, :]
+    # In fp16 (one pass) GKA's bf16 output error went 2.8e-3 → 3.0e-3, dg 1.6e-3 → 2.2e-3 (CPU), for no time.
+    prefix = dot(w * keys.astype(jnp.float32), keys, ta=True, precision=BF16X3 if precision == F16 else precision)
+    return decay_ref[0:1, :] * h0_ref[...] + prefix, mask_ref[:, start:start + 1], mask, k
+
+
+def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, start, num_iter,
                      precision):
-    """One chunk's Chebyshev solve (its rows against its first `keys` keys) with everything on chip for all
-    iterations.
+    """One row block's Chebyshev solve (_block_operator) with everything on chip for all iterations.
 
     precision from _products: F16 (Triton, bf16 keys): fp16 products (_fp16_operator). BF16X3 (Triton, float32
     keys): H₀ split once per program, ~16 significant bits (GKA's float32 output error ≤ 6.2e-5 against the
@@ -174,7 +194,7 @@ def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref
     the x-form of _chebyshev 1–3e-4 on a CPU, against 6–11e-6 with float32 products and 1–2e-2 with TF32). Mosaic:
     float32-accurate products.
     """
-    h0, decay, mask, k = h0_ref[...], decay_ref[...], mask_ref[:, :keys], k_ref[:keys, :]
+    h0, decay, mask, k = _block_operator(h0_ref, decay_ref, mask_ref, k_ref, start, precision)
     rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
     if precision == F16:
         apply_h, first, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
@@ -272,6 +292,9 @@ def _chebyshev_pallas(solver, ops, rhs, lam, f):
     rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
     c = rhs.shape[-2]
     block_rows = solver.block_rows if c % solver.block_rows == 0 else c
+    if backend.name == "triton" and block_rows < 16:
+        raise ValueError(f"gka: the Triton solve takes at least 16 rows per program, got block_rows={block_rows} "
+                         f"(chunk_size {c})")
     whole = lambda a: pl.BlockSpec((None, *a.shape[1:]), lambda i, j: (i,) + (0,) * (a.ndim - 1))
     block = lambda a: pl.BlockSpec((None, block_rows, a.shape[-1]), lambda i, j: (i, j, 0))
     h0, decay, mask, k = args

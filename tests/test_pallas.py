@@ -16,6 +16,7 @@ import pytest
 from jax import export
 
 import pallas_kernels
+from pallas_kernels._common import chunk_decay
 from pallas_kernels._pallas import Backend
 from pallas_kernels.chunk_output import output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, chunk_scan, state_pass
@@ -204,18 +205,19 @@ def test_kernel_pieces(variant):
         s = d[:, i, None, None] * s + jnp.einsum("bck,bcv->bkv", keys, ui, precision="highest")
     assert rel(final, s) <= 1e-6
     # GKA's solve kernel at K = 128 against the XLA solve.
-    c, k = 16, 128
+    c, k = 32, 128
     keys = jnp.asarray(rng.standard_normal((2, c, k)) / np.sqrt(k), jnp.float32)
     past = jnp.asarray(rng.standard_normal((2, 3 * k, k)) / np.sqrt(k), jnp.float32)
-    ops = (jnp.einsum("bnj,bnk->bjk", past, past), jnp.asarray(rng.uniform(0.5, 1, (2, c)), jnp.float32),
-           jnp.tril(jnp.asarray(rng.uniform(0.5, 1, (2, c, c)), jnp.float32)), keys)
+    prefix, mask = chunk_decay(jnp.asarray(-rng.uniform(0, 0.1, (2, c)), jnp.float32))  # a chunk's decays
+    ops = (jnp.einsum("bnj,bnk->bjk", past, past), jnp.exp(prefix), mask, keys)
     rhs = jnp.asarray(rng.standard_normal((2, c, k)), jnp.float32)
     f = jnp.full((2, c, 1), 3.0 * np.sqrt(k), jnp.float32)
     solve = lambda solver, ops=ops, f=f: jax.jit(lambda *a: solver(gka_module._apply_chunk, a[:4], *a[4:]))(
         *ops, rhs, 0.02 * f, f)
     assert rel(solve(gka_module.Solver(10, backend)), solve(gka_module.Solver(10))) <= 1e-5
-    # A chunk's rows split over programs (rows are independent): the same solve.
-    assert rel(solve(gka_module.Solver(10, backend, block_rows=8)), solve(gka_module.Solver(10))) <= 1e-5
+    # A chunk's rows split over programs, each against its own keys and the state before its first row: the
+    # same solve.
+    assert rel(solve(gka_module.Solver(10, backend, block_rows=16)), solve(gka_module.Solver(10))) <= 1e-5
     # Keys exact in bf16 (bf16 inputs): the Triton kernel's fp16 products (one part each but the first products'
     # scores; H₀'s 11 bits dominate: 3.7e-4 here, 3.3e-4 with the iterate in two parts, an eighth of what a bf16
     # output rounds to); Mosaic's are unchanged. Keys 2^±12 times larger (H₀ and ‖H‖ with them) solve alike: the
