@@ -100,11 +100,15 @@ class Solver:
             return _chebyshev(partial(apply_h, ops, precision=self.precision), rhs, lam, f, self.num_iter)
         return _chebyshev_pallas(self, ops, rhs, lam, f)
 
-    def operator_vjp(self, apply_h, ops, x, ct):
-        """The cotangent of ops for ct on apply_h(ops, x): XLA autodiff, or the Pallas kernel (chunk operators)."""
+    def operator_vjp(self, apply_h, ops, x, dq):
+        """The cotangents of ops and λ for dA = −dq xᵀ on A = H(ops) + λI (the solve's implicit backward): the VJP
+        of ops ↦ apply_h(ops, x) at −dq, and −Σ_k dq·x. XLA autodiff, or the Pallas kernel (chunk operators), which
+        also takes the row sums in its one pass over x and dq."""
         if self.backend is None:
-            return jax.vjp(lambda o: apply_h(o, x), ops)[1](ct)[0]
-        return _chunk_grads(self.backend, _operator_vjp_kernel, "gka_operator_vjp", ops, self.keys_exact, x, ct)
+            return jax.vjp(lambda o: apply_h(o, x), ops)[1](-dq)[0], -jnp.sum(dq * x, axis=-1, keepdims=True)
+        *dops, dlam = _chunk_grads(self.backend, _operator_vjp_kernel, "gka_operator_vjp", ops, self.keys_exact, x,
+                                   dq, row_outputs=1)
+        return tuple(dops), dlam
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -128,8 +132,7 @@ def _ridge_solve_bwd(apply_h, solver, res, dx):
     ops, lam, f, x = res
     has_keys = f > 0
     dq = jnp.where(has_keys, solver(apply_h, ops, dx, lam, f), 0)
-    dops = solver.operator_vjp(apply_h, ops, x, -dq)
-    dlam = -jnp.sum(dq * x, axis=-1, keepdims=True)
+    dops, dlam = solver.operator_vjp(apply_h, ops, x, dq)
     return dops, dlam, jnp.zeros_like(f), jnp.where(has_keys, dq, dx)
 
 
@@ -402,13 +405,15 @@ def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0
     dmask_ref[...] = v * c_row + 2 * df2 * mw
 
 
-def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
-                         *, precision):
-    """The cotangent of (H₀, decay, M, K) for y on _apply_chunk's rows x: out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
-    so dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
-    dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X."""
+def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, dq_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
+                         dlam_ref, *, precision):
+    """Solver.operator_vjp for _apply_chunk's rows x: with y = −dq and out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
+    dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
+    dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X)."""
     mm = partial(dot, precision=precision)
-    h0, decay, mask, k, x, y = (r[...] for r in (h0_ref, decay_ref, mask_ref, k_ref, x_ref, y_ref))
+    h0, decay, mask, k, x = (r[...] for r in (h0_ref, decay_ref, mask_ref, k_ref, x_ref))
+    y = -dq_ref[...]
+    dlam_ref[...] = jnp.sum(y * x, axis=1, keepdims=True)
     dh0_ref[...] = mm(decay * y, x, ta=True)
     ddecay_ref[...] = jnp.sum(y * mm(x, h0, tb=True), axis=1, keepdims=True)
     if precision == F16:  # the scores take x and y in two parts (in one, GKA's dg error went 1.7e-3 → 4.2e-3)
@@ -445,18 +450,20 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
                         semantics=("parallel",), name=name)(*args, *rows)
 
 
-def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows):
+def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
     """Run a per-chunk VJP kernel (_per_chunk); returns the cotangents of the operators in their shapes and
-    dtypes. bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms
+    dtypes, then the kernel's row_outputs further outputs [..., C, 1]. bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms
     against 67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg
     up to 3.3e-4, the gradients' worst 3.3e-3 as before)."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
     shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
+    shapes += (lambda c, kp: (c, 1),) * row_outputs
     grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8, level=_products(keys_exact))
     dk = ops[3].shape[-1]
     unpad = (lambda g: g[:, :dk, :dk], lambda g: g, lambda g: g, lambda g: g[..., :dk])
-    return tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
+    dops = tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
+    return dops + tuple(g.reshape(*ops[1].shape, 1) for g in grads[len(ops):])
 
 
 def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):

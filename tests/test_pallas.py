@@ -258,7 +258,7 @@ def test_gka_bf16_fp16_solve_against_reference():
 @pytest.mark.parametrize("keys_exact", [False, True])
 def test_gka_chunk_kernels_against_autodiff(variant, keys_exact):
     """GKA's ‖H_t‖_F kernel with its VJP kernel, and the solve operator's VJP kernel (the implicit backward's
-    dA = −dq xᵀ), against XLA autodiff of the chunked form's formulas; a slightly asymmetric H₀ (the gradients
+    dA = −dq xᵀ and dλ), against XLA autodiff of the chunked form's formulas; a slightly asymmetric H₀ (the gradients
     take H₀ and H₀ᵀ apart), K not a power of two, large x as the solve gives."""
     backend = Backend(variant[7:], interpret=True)
     rng = np.random.default_rng(4)
@@ -283,7 +283,7 @@ def test_gka_chunk_kernels_against_autodiff(variant, keys_exact):
     y = jnp.asarray(rng.standard_normal((bh, n, c, k)), jnp.float32)
     want = gka_module.Solver(10).operator_vjp(gka_module._apply_chunk, ops, x, y)
     got = gka_module.Solver(10, backend, keys_exact=keys_exact).operator_vjp(gka_module._apply_chunk, ops, x, y)
-    for a, b in zip(got, want):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel(a, b) <= vjp_tol
 
 
