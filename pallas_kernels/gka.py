@@ -131,7 +131,7 @@ def _ridge_solve_bwd(apply_h, solver, res, dx):
     # not depend on it (its true dependence on H is carried by λ = r·f outside this function).
     ops, lam, f, x = res
     has_keys = f > 0
-    dq = jnp.where(has_keys, solver(apply_h, ops, dx, lam, f), 0)
+    dq = solver(apply_h, ops, dx, lam, f)  # 0 where f = 0 (_chebyshev)
     dops, dlam = solver.operator_vjp(apply_h, ops, x, dq)
     return dops, dlam, jnp.zeros_like(f), jnp.where(has_keys, dq, dx)
 
