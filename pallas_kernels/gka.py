@@ -452,9 +452,10 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
 
 def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
     """Run a per-chunk VJP kernel (_per_chunk); returns the cotangents of the operators in their shapes and
-    dtypes, then the kernel's row_outputs further outputs [..., C, 1]. bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms
-    against 67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg
-    up to 3.3e-4, the gradients' worst 3.3e-3 as before)."""
+    dtypes, then the kernel's row_outputs further outputs [..., C, 1]. bf16 inputs (keys_exact): fp16 products
+    (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side by side;
+    the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst 3.3e-3 as
+    before)."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
     shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))

@@ -218,6 +218,9 @@ def test_kernel_pieces(variant):
     # A chunk's rows split over programs, each against its own keys and the state before its first row: the
     # same solve.
     assert rel(solve(gka_module.Solver(10, backend, block_rows=16)), solve(gka_module.Solver(10))) <= 1e-5
+    if variant == "pallas_triton":  # Triton's products want 16 keys or more
+        with pytest.raises(ValueError, match="at least 16 rows per program, got block_rows=8"):
+            solve(gka_module.Solver(10, backend, block_rows=8))
     # Keys exact in bf16 (bf16 inputs): the Triton kernel's fp16 products (one part each but the first products'
     # scores; H₀'s 11 bits dominate: 3.7e-4 here, 3.3e-4 with the iterate in two parts, an eighth of what a bf16
     # output rounds to); Mosaic's are unchanged. Keys 2^±12 times larger (H₀ and ‖H‖ with them) solve alike: the
