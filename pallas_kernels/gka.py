@@ -39,7 +39,7 @@ def _safe_sqrt(x):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1)), 0)
 
 
-def _chebyshev(residual, q, lam, f, num_iter, first=(None, 0), c=None):
+def _chebyshev(residual, q, lam, f, num_iter, first=(None, 0)):
     """Chebyshev iteration for (H + λI) x = q with spec(H) ⊂ [0, f]; rows with f = 0 stay at x = 0.
 
     In residual form: each product acts on the step's update Δ = x_{k+1} − x_k, which shrinks as the iteration
@@ -51,13 +51,11 @@ def _chebyshev(residual, q, lam, f, num_iter, first=(None, 0), c=None):
     (1, 1000, 2, 128, 128)). Same iterates in exact arithmetic, same number of products (num_iter).
     residual(r, d) returns r − H d: the kernels' operators fold their product terms into r one FMA each (the fp16
     solve's main loop 449 instructions per warp and iteration against 491 for r − (H d) − λd; 6.95 against 7.03 ms
-    at T = 32768 on an H200). c: (ρ/2)² when known for every row (λ = r·f gives ρ = 1/(1 + 2r) on each row with
-    f > 0; rows with f = 0 never move), so that ω is one scalar rather than a division per row and iteration.
-    first = (residual, n): the first n products take that operator instead (a more
+    at T = 32768 on an H200). first = (residual, n): the first n products take that operator instead (a more
     accurate one while Δ is large)."""
     den = 2 * lam + f
     gamma = jnp.where(den > 0, 2 / jnp.where(den > 0, den, 1), 0)
-    c = (f * gamma / 4) ** 2 if c is None else c  # (ρ/2)², ρ = f / (2λ + f)
+    c = (f * gamma / 4) ** 2  # (ρ/2)², ρ = f / (2λ + f)
     x = gamma * q
     if num_iter == 0:
         return x
@@ -75,7 +73,7 @@ def _chebyshev(residual, q, lam, f, num_iter, first=(None, 0), c=None):
             return x + d, d, residual(r - lam * d, d), omega
         return step
 
-    carry = (x, x, residual_first(q - lam * x, x), jnp.full_like(c, 2, dtype=q.dtype))
+    carry = (x, x, residual_first(q - lam * x, x), jnp.full_like(c, 2))
     split = min(max(n_first - 1, 0), num_iter - 1)  # the products after the first, in the loop
     carry = jax.lax.fori_loop(0, split, body(residual_first), carry)
     x, d, r, omega = jax.lax.fori_loop(split, num_iter - 1, body(residual), carry)
@@ -84,9 +82,8 @@ def _chebyshev(residual, q, lam, f, num_iter, first=(None, 0), c=None):
 
 @dataclasses.dataclass(frozen=True)
 class Solver:
-    """num_iter Chebyshev iterations. Called: in XLA (its products at `precision`, float32-accurate: HIGHEST, or
-    three TF32 passes on GPU tensor cores). With a backend: the settings of the Pallas kernels (chunk operators
-    only; _chebyshev_pallas and operator_vjp's kernel)."""
+    """num_iter Chebyshev iterations, in XLA (backend None; its products at `precision`, float32-accurate: HIGHEST,
+    or three TF32 passes on GPU tensor cores) or in the Pallas kernel (chunk operators only)."""
 
     num_iter: int
     backend: Backend | None = None
@@ -102,9 +99,10 @@ class Solver:
     num_warps: int = 4
 
     def __call__(self, apply_h, ops, rhs, lam, f):
-        """The XLA solve (the kernel's is _chebyshev_pallas)."""
-        apply = partial(apply_h, ops, precision=self.precision)
-        return _chebyshev(lambda r, d: r - apply(d), rhs, lam, f, self.num_iter)
+        if self.backend is None:
+            apply = partial(apply_h, ops, precision=self.precision)
+            return _chebyshev(lambda r, d: r - apply(d), rhs, lam, f, self.num_iter)
+        return _chebyshev_pallas(self, ops, rhs, lam, f)
 
     def operator_vjp(self, apply_h, ops, x, dq):
         """The cotangents of ops and λ for dA = −dq xᵀ on A = H(ops) + λI (the solve's implicit backward): the VJP
@@ -158,20 +156,16 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
     return decay[..., None] * hx + mm("...cs,...sk->...ck", xk, k)
 
 
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, *refs, num_iter, precision, ridge, norms):
+def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
     """Row block j of a chunk (rhs_ref's rows; all rows, or blocks of the grid's second axis), one static branch
     per block. Its rows t ≥ r0 = j·rows see the keys before r0 only through the state just before row r0,
     H' = e^{G_r0} H₀ + Σ_{s<r0} M[r0,s] k_s k_sᵀ, decayed by M[t,r0] (M[t,s] = M[t,r0] M[r0,s] for s ≤ r0 ≤ t), so
     every block's solve runs against its own `rows` keys: at two blocks of 32 rows, half the key products of each
     iteration, for one [K, r0] × [r0, K] product per program (H200, T = 32768, 30 iterations: 7.00 ms against
-    8.12 with the whole chunk's keys, 7.41 with the keys s ≤ t of each block).
-
-    refs: (‖H_t‖_F, x), or with norms (the forward solve) (x, ‖H_t‖_F) as outputs, ‖H_t‖_F formed from the block's
-    own operator (the same expansion for H' as for H₀). λ = ridge·‖H_t‖_F."""
+    8.12 with the whole chunk's keys, 7.41 with the keys s ≤ t of each block)."""
     rows, c = rhs_ref.shape[0], k_ref.shape[0]
-    f_ref, x_ref = refs[::-1] if norms else refs
-    block = partial(_chebyshev_block, h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, f_ref, x_ref, num_iter=num_iter,
-                    precision=precision, ridge=ridge, norms=norms)
+    block = partial(_chebyshev_block, h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref,
+                    num_iter=num_iter, precision=precision)
     if rows == c:
         return block(start=0)
     for j in range(c // rows):
@@ -195,8 +189,8 @@ def _block_operator(h0_ref, decay_ref, mask_ref, k_ref, start, precision):
     return decay_ref[0:1, :] * h0_ref[...] + prefix, mask_ref[:, start:start + 1], mask, k
 
 
-def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, f_ref, x_ref, *, start, num_iter, precision, ridge,
-                     norms):
+def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, start, num_iter,
+                     precision):
     """One row block's Chebyshev solve (_block_operator) with everything on chip for all iterations.
 
     precision from _products: F16 (Triton, bf16 keys): fp16 products (_fp16_operator). BF16X3 (Triton, float32
@@ -206,16 +200,10 @@ def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, f_ref, x_ref, 
     float32-accurate products.
     """
     h0, decay, mask, k = _block_operator(h0_ref, decay_ref, mask_ref, k_ref, start, precision)
-    rhs = rhs_ref[...].astype(jnp.float32)
-    if norms:
-        mm = partial(dot, precision=BF16X3 if precision == F16 else precision)
-        f = f_ref[...] = _safe_sqrt(_frobenius_terms(h0, decay, mask, k, mm)[0])
-    else:
-        f = f_ref[...]
-    lam, c = ridge * f, (1 / (2 * (1 + 2 * ridge))) ** 2  # (ρ/2)² of every row with f > 0
+    rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
     if precision == F16:
         residual, first, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
-        x_ref[...] = _chebyshev(residual, row_scale * rhs, lam, f, num_iter, first, c=c) / row_scale
+        x_ref[...] = _chebyshev(residual, row_scale * rhs, lam, f, num_iter, first) / row_scale
         return
     if precision == BF16X3:
         h0 = split16(h0)
@@ -227,7 +215,7 @@ def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, f_ref, x_ref, 
         xk = mm(x, k, tb=True) * mask
         return r - decay * mm(x, h0) - mm(xk, k)
 
-    x_ref[...] = _chebyshev(residual, rhs, lam, f, num_iter, c=c)
+    x_ref[...] = _chebyshev(residual, rhs, lam, f, num_iter)
 
 
 # The iterate's rows are solved scaled by ITERATE_SCALE·λ/‖q‖: as ‖x‖ ≤ ‖q‖/λ and ≥ ‖q‖/(λ + f) = ‖q‖/(51 λ) at
@@ -300,15 +288,13 @@ def _chunk_rows(args, dk, *rows):
             for r in rows]
 
 
-def _chebyshev_pallas(solver, ops, rhs, ridge, f=None):
-    """The chunk operator's solve at λ = ridge·‖H_t‖_F as a Pallas kernel: solver.block_rows rows of a chunk per
-    program (rows are independent; the mask must be causal, as chunk_decay's is). ops as for _apply_chunk, with
-    leading axes [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero). f
-    (‖H_t‖_F, [..., C, 1]) as given, or None: the kernel forms it and returns (x, f) (a separate ‖H_t‖_F kernel read
-    the same operators for 0.89 ms of GKA's forward at T = 32768 on an H200)."""
-    backend, norms = solver.backend, f is None
+def _chebyshev_pallas(solver, ops, rhs, lam, f):
+    """The chunk operator's solve as a Pallas kernel: solver.block_rows rows of a chunk per program (rows are
+    independent; the mask must be causal, as chunk_decay's is). ops as for _apply_chunk, with leading axes
+    [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
+    backend = solver.backend
     args = _chunk_operands(backend, solver.keys_exact, *ops)
-    rows = _chunk_rows(args, rhs.shape[-1], rhs, *(() if norms else (f,)))
+    rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
     c = rhs.shape[-2]
     block_rows = solver.block_rows if c % solver.block_rows == 0 else c
     if backend.name == "triton" and block_rows < 16:
@@ -318,15 +304,12 @@ def _chebyshev_pallas(solver, ops, rhs, ridge, f=None):
     block = lambda a: pl.BlockSpec((None, block_rows, a.shape[-1]), lambda i, j: (i, j, 0))
     h0, decay, mask, k = args
     precision = backend.precision(_products(solver.keys_exact))
-    kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=precision, ridge=ridge, norms=norms)
-    outs = [jax.ShapeDtypeStruct(rows[0].shape, jnp.float32)]
-    outs += [jax.ShapeDtypeStruct((*rows[0].shape[:-1], 1), jnp.float32)] if norms else []
-    got = backend.call(kernel, grid=(h0.shape[0], c // block_rows),
-                       in_specs=[whole(h0), block(decay), block(mask), whole(k)] + [block(r) for r in rows],
-                       out_specs=[block(o) for o in outs], out_shape=outs, semantics=("parallel", "parallel"),
-                       num_warps=solver.num_warps, name="gka_chebyshev")(*args, *rows)
-    x = got[0][..., :rhs.shape[-1]].reshape(rhs.shape)
-    return (x, got[1].reshape(*rhs.shape[:-1], 1)) if norms else x
+    kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=precision)
+    x = backend.call(kernel, grid=(h0.shape[0], c // block_rows),
+                     in_specs=[whole(h0), block(decay), block(mask), whole(k)] + [block(r) for r in rows],
+                     out_specs=block(rows[0]), out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
+                     semantics=("parallel", "parallel"), num_warps=solver.num_warps, name="gka_chebyshev")(*args, *rows)
+    return x[..., :rhs.shape[-1]].reshape(rhs.shape)
 
 
 def _token_update(q, k, v, alpha, g, h_kk, h_kv, scale, ridge_strength, num_iter):
@@ -401,13 +384,15 @@ def _frobenius_terms(h0, decay, mask, k, mm):
     return f2, (k32, kh, c_row, kk, mw, mc, h0_sq)
 
 
+def _frobenius_fwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, *, precision):
+    mm = partial(dot, precision=precision)
+    f2, _ = _frobenius_terms(h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], mm)
+    f_ref[...] = _safe_sqrt(f2)
+
+
 def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
                           *, precision):
-    """The VJP of _frobenius_terms' f = √f2 (the Chebyshev kernel's ‖H_t‖_F) for df. With
-    f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u], c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ)
-    and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s); with v = 2 df2 ∘ d and w = Mᵀv:
-    dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
-    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K."""
+    """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
     mm = partial(dot, precision=precision)
     h0, decay, mask, k, f = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], f_ref[...]
     _, (k32, kh, c_row, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
@@ -442,6 +427,16 @@ def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, dq_ref, dh0_
     dk_ref[...] = mm(xk * mask, y, ta=True) + mm(yk * mask, x, ta=True)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
+    """_chunk_frobenius (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as a Pallas kernel per
+    chunk, and its VJP as another. With f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u],
+    c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ) and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s);
+    with v = 2 df2 ∘ d and w = Mᵀv: dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
+    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. keys_exact: k holds bf16 values (read as bf16)."""
+    return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
+
+
 def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_warps=4, level=BF16X3):
     """One program per chunk of `kernel` (products at Backend.precision(level)) on the chunk operators and row
     inputs [..., C, K or 1]: returns its float32 outputs [chunks, *shape] for out_shapes given as functions of
@@ -474,30 +469,20 @@ def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
     return dops + tuple(g.reshape(*ops[1].shape, 1) for g in grads[len(ops):])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _kernel_solve(solver, ridge_strength, ops, q):
-    """_ridge_solve with λ = ridge_strength·‖H_t‖_F on the kernels (ops as for _apply_chunk): the forward
-    Chebyshev kernel forms ‖H_t‖_F itself, so one custom VJP covers both (the backward as _ridge_solve_bwd, with
-    ‖H_t‖_F's VJP kernel at df = ridge·dλ)."""
-    return _kernel_solve_fwd(solver, ridge_strength, ops, q)[0]
+def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):
+    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, decay, mask, k), keys_exact, (),
+                      [lambda c, kp: (c, 1)])
+    f = f.reshape(k.shape[:-1])
+    return f, (h0, decay, mask, k, f)
 
 
-def _kernel_solve_fwd(solver, ridge_strength, ops, q):
-    x, f = _chebyshev_pallas(solver, ops, q, ridge_strength)
-    x = jnp.where(f > 0, x, q)
-    return x, (ops, f, x)
+def _frobenius_bwd(backend, keys_exact, res, df):
+    h0, decay, mask, k, f = res
+    return _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", (h0, decay, mask, k), keys_exact,
+                        f[..., None], df[..., None])
 
 
-def _kernel_solve_bwd(solver, ridge_strength, res, dx):
-    ops, f, x = res
-    dq = _chebyshev_pallas(solver, ops, dx, ridge_strength, f)  # 0 where f = 0 (_chebyshev)
-    dops, dlam = solver.operator_vjp(_apply_chunk, ops, x, dq)
-    dnorm = _chunk_grads(solver.backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", ops, solver.keys_exact, f,
-                         ridge_strength * dlam)
-    return tuple(a + b for a, b in zip(dops, dnorm)), jnp.where(f > 0, dq, dx)
-
-
-_kernel_solve.defvjp(_kernel_solve_fwd, _kernel_solve_bwd)
+_frobenius_pallas.defvjp(_frobenius_fwd, _frobenius_bwd)
 
 
 def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
@@ -525,8 +510,10 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, 
     h_kk = h_kk.astype(jnp.float32).reshape(b * h, dk, dk)
     h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
                        ScanConfig(exact=BF16X3))
-    x = _kernel_solve(Solver(num_iter, backend, keys_exact=keys_exact), ridge_strength,
-                      (h0, jnp.exp(prefix), mask_decay, k), q)
+    decay = jnp.exp(prefix)
+    f = _frobenius_pallas(backend, keys_exact, h0, decay, mask_decay, k)[..., None]
+    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend, keys_exact=keys_exact), (h0, decay, mask_decay, k),
+                      ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 
