@@ -26,6 +26,7 @@ from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, ch
                                     from_head_chunks, resolve_impl, to_chunks, to_head_chunks)
 from pallas_kernels._pallas import (BF16X3, F16, Backend, backend_for, dot, pad_axis, pow2_at_least, scaled_f16,
                                     split16, tile_max, tile_sum)
+from pallas_kernels.chunk_output import decay_matrix
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
 from pallas_kernels.simple_gla import simple_gla
@@ -156,7 +157,21 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
     return decay[..., None] * hx + mm("...cs,...sk->...ck", xk, k)
 
 
-def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
+def _from_prefix(h0, prefix, k):
+    """The kernels' chunk operators (h0, G, k) as _apply_chunk's: decay e^{G_t}, M[t,s] = e^{G_t − G_s} (s ≤ t),
+    as the kernels form them on chip (from the prefix, not segment sums)."""
+    c = prefix.shape[-1]
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    mask = jnp.exp(jnp.where(causal, prefix[..., :, None] - prefix[..., None, :], -jnp.inf))
+    return h0, jnp.exp(prefix), mask, k
+
+
+def _apply_prefix(ops, x, precision=jax.lax.Precision.HIGHEST):
+    """_apply_chunk on the kernels' operators (h0, G, k): what their products compute."""
+    return _apply_chunk(_from_prefix(*ops), x, precision)
+
+
+def _chebyshev_kernel(h0_ref, gc_ref, gr_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, num_iter, precision):
     """Row block j of a chunk (rhs_ref's rows; all rows, or blocks of the grid's second axis), one static branch
     per block. Its rows t ≥ r0 = j·rows see the keys before r0 only through the state just before row r0,
     H' = e^{G_r0} H₀ + Σ_{s<r0} M[r0,s] k_s k_sᵀ, decayed by M[t,r0] (M[t,s] = M[t,r0] M[r0,s] for s ≤ r0 ≤ t), so
@@ -164,7 +179,7 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
     iteration, for one [K, r0] × [r0, K] product per program (H200, T = 32768, 30 iterations: 7.00 ms against
     8.12 with the whole chunk's keys, 7.41 with the keys s ≤ t of each block)."""
     rows, c = rhs_ref.shape[0], k_ref.shape[0]
-    block = partial(_chebyshev_block, h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref,
+    block = partial(_chebyshev_block, h0_ref, gc_ref, gr_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref,
                     num_iter=num_iter, precision=precision)
     if rows == c:
         return block(start=0)
@@ -172,24 +187,25 @@ def _chebyshev_kernel(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_re
         pl.when(pl.program_id(1) == j)(partial(block, start=j * rows))
 
 
-def _block_operator(h0_ref, decay_ref, mask_ref, k_ref, start, precision):
-    """The chunk operator of rows start… (mask_ref's rows) on their own keys: (H', decay, mask, keys) as in
-    _chebyshev_kernel. The keys' product is float32-accurate enough to stand for H₀ (BF16X3 on Triton)."""
-    rows = mask_ref.shape[0]
-    mask, k = mask_ref[:, start:start + rows], k_ref[start:start + rows, :]
+def _block_operator(h0_ref, gc_ref, gr_ref, k_ref, start, precision):
+    """The chunk operator of rows start… (gc_ref's rows of G) on their own keys: (H', decay, mask, keys) as in
+    _chebyshev_kernel, the decays formed from G. The keys' product is float32-accurate enough to stand for H₀
+    (BF16X3 on Triton)."""
+    rows, gc = gc_ref.shape[0], gc_ref[...]
+    mask, k = decay_matrix(gc, gr_ref[:, start:start + rows]), k_ref[start:start + rows, :]
     if start == 0:
-        return h0_ref[...], decay_ref[...], mask, k
-    n = min(mask_ref.shape[1], pow2_at_least(start))  # the keys before r0 (Triton's blocks: powers of two)
-    first = mask_ref[0:1, :n]  # M[r0, s]
-    before = jax.lax.broadcasted_iota(jnp.int32, first.shape, 1) < start
-    w = _flip(jnp.where(before, first, 0))
+        return h0_ref[...], jnp.exp(gc), mask, k
+    n = min(gr_ref.shape[1], pow2_at_least(start))  # the keys before r0 (Triton's blocks: powers of two)
+    g0 = gr_ref[:, start:start + 1]  # G_r0
+    before = jax.lax.broadcasted_iota(jnp.int32, (1, n), 1) < start
+    w = _flip(jnp.exp(jnp.where(before, g0 - gr_ref[:, :n], -jnp.inf)))  # M[r0, s] for s < r0
     keys = k_ref[:n, :]
     # In fp16 (one pass) GKA's bf16 output error went 2.8e-3 → 3.0e-3, dg 1.6e-3 → 2.2e-3 (CPU), for no time.
     prefix = dot(w * keys.astype(jnp.float32), keys, ta=True, precision=BF16X3 if precision == F16 else precision)
-    return decay_ref[0:1, :] * h0_ref[...] + prefix, mask_ref[:, start:start + 1], mask, k
+    return jnp.exp(g0) * h0_ref[...] + prefix, jnp.exp(gc - g0), mask, k
 
 
-def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, start, num_iter,
+def _chebyshev_block(h0_ref, gc_ref, gr_ref, k_ref, rhs_ref, lam_ref, f_ref, x_ref, *, start, num_iter,
                      precision):
     """One row block's Chebyshev solve (_block_operator) with everything on chip for all iterations.
 
@@ -199,7 +215,7 @@ def _chebyshev_block(h0_ref, decay_ref, mask_ref, k_ref, rhs_ref, lam_ref, f_ref
     the x-form of _chebyshev 1–3e-4 on a CPU, against 6–11e-6 with float32 products and 1–2e-2 with TF32). Mosaic:
     float32-accurate products.
     """
-    h0, decay, mask, k = _block_operator(h0_ref, decay_ref, mask_ref, k_ref, start, precision)
+    h0, decay, mask, k = _block_operator(h0_ref, gc_ref, gr_ref, k_ref, start, precision)
     rhs, lam, f = rhs_ref[...].astype(jnp.float32), lam_ref[...], f_ref[...]
     if precision == F16:
         residual, first, row_scale = _fp16_operator(h0, decay, mask, k, rhs, lam)
@@ -270,14 +286,16 @@ def _chunk_spec(*shape):
     return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
 
 
-def _chunk_operands(backend, keys_exact, h0, decay, mask, k):
-    """GKA's chunk operators (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as kernel inputs,
-    one chunk per leading index, K padded to the backend's width (keys as bf16 when they hold bf16 values)."""
+def _chunk_operands(backend, keys_exact, h0, prefix, k):
+    """GKA's chunk operators (h0 [..., K, K], the in-chunk prefix G [..., C], k [..., C, K]) as kernel inputs, one
+    chunk per leading index: h0, G as a column and as a row (the kernels form e^G and M on chip, so no [C, C] array
+    passes through XLA), k; K padded to the backend's width (keys as bf16 when they hold bf16 values)."""
     c, dk = k.shape[-2:]
     kp = backend.width(dk)
     flat = lambda x, *tail: x.reshape(-1, *tail)
     h0 = pad_axis(pad_axis(flat(h0, dk, dk).astype(jnp.float32), -1, kp), -2, kp)
-    return (h0, flat(decay, c, 1).astype(jnp.float32), flat(mask, c, c).astype(jnp.float32),
+    prefix = prefix.astype(jnp.float32)
+    return (h0, flat(prefix, c, 1), flat(prefix, 1, c),
             pad_axis(flat(k, c, dk), -1, kp).astype(jnp.bfloat16 if keys_exact else jnp.float32))
 
 
@@ -290,8 +308,8 @@ def _chunk_rows(args, dk, *rows):
 
 def _chebyshev_pallas(solver, ops, rhs, lam, f):
     """The chunk operator's solve as a Pallas kernel: solver.block_rows rows of a chunk per program (rows are
-    independent; the mask must be causal, as chunk_decay's is). ops as for _apply_chunk, with leading axes
-    [..., C, ...]; the Triton variant pads K to a power of two (zero columns solve to zero)."""
+    independent; M is causal). ops as for _apply_prefix, (h0, G, k) with leading axes [..., C, ...]; the Triton
+    variant pads K to a power of two (zero columns solve to zero)."""
     backend = solver.backend
     args = _chunk_operands(backend, solver.keys_exact, *ops)
     rows = _chunk_rows(args, rhs.shape[-1], rhs, lam, f)
@@ -302,11 +320,11 @@ def _chebyshev_pallas(solver, ops, rhs, lam, f):
                          f"(chunk_size {c})")
     whole = lambda a: pl.BlockSpec((None, *a.shape[1:]), lambda i, j: (i,) + (0,) * (a.ndim - 1))
     block = lambda a: pl.BlockSpec((None, block_rows, a.shape[-1]), lambda i, j: (i, j, 0))
-    h0, decay, mask, k = args
+    h0, gc, gr, k = args
     precision = backend.precision(_products(solver.keys_exact))
     kernel = partial(_chebyshev_kernel, num_iter=solver.num_iter, precision=precision)
     x = backend.call(kernel, grid=(h0.shape[0], c // block_rows),
-                     in_specs=[whole(h0), block(decay), block(mask), whole(k)] + [block(r) for r in rows],
+                     in_specs=[whole(h0), block(gc), whole(gr), whole(k)] + [block(r) for r in rows],
                      out_specs=block(rows[0]), out_shape=jax.ShapeDtypeStruct(rows[0].shape, jnp.float32),
                      semantics=("parallel", "parallel"), num_warps=solver.num_warps, name="gka_chebyshev")(*args, *rows)
     return x[..., :rhs.shape[-1]].reshape(rhs.shape)
@@ -384,17 +402,23 @@ def _frobenius_terms(h0, decay, mask, k, mm):
     return f2, (k32, kh, c_row, kk, mw, mc, h0_sq)
 
 
-def _frobenius_fwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, *, precision):
+def _chunk_decays(gc_ref, gr_ref):
+    """A chunk's decays e^{G_t} [C, 1] and M [C, C] from its prefix G (column and row refs)."""
+    gc = gc_ref[...]
+    return jnp.exp(gc), decay_matrix(gc, gr_ref[...])
+
+
+def _frobenius_fwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, *, precision):
     mm = partial(dot, precision=precision)
-    f2, _ = _frobenius_terms(h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], mm)
+    f2, _ = _frobenius_terms(h0_ref[...], *_chunk_decays(gc_ref, gr_ref), k_ref[...], mm)
     f_ref[...] = _safe_sqrt(f2)
 
 
-def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
-                          *, precision):
+def _frobenius_bwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, df_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref, *,
+                          precision):
     """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
     mm = partial(dot, precision=precision)
-    h0, decay, mask, k, f = h0_ref[...], decay_ref[...], mask_ref[...], k_ref[...], f_ref[...]
+    (decay, mask), h0, k, f = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], f_ref[...]
     _, (k32, kh, c_row, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
     pos = f > 0
     df2 = jnp.where(pos, df_ref[...] / (2 * jnp.where(pos, f, 1)), 0)
@@ -407,13 +431,13 @@ def _frobenius_bwd_kernel(h0_ref, decay_ref, mask_ref, k_ref, f_ref, df_ref, dh0
     dmask_ref[...] = v * c_row + 2 * df2 * mw
 
 
-def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, dq_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
+def _operator_vjp_kernel(h0_ref, gc_ref, gr_ref, k_ref, x_ref, dq_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
                          dlam_ref, *, precision):
     """Solver.operator_vjp for _apply_chunk's rows x: with y = −dq and out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
     dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
     dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X)."""
     mm = partial(dot, precision=precision)
-    h0, decay, mask, k, x = (r[...] for r in (h0_ref, decay_ref, mask_ref, k_ref, x_ref))
+    (decay, mask), h0, k, x = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], x_ref[...]
     y = -dq_ref[...]
     dlam_ref[...] = jnp.sum(y * x, axis=1, keepdims=True)
     dh0_ref[...] = mm(decay * y, x, ta=True)
@@ -428,13 +452,14 @@ def _operator_vjp_kernel(h0_ref, decay_ref, mask_ref, k_ref, x_ref, dq_ref, dh0_
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _frobenius_pallas(backend, keys_exact, h0, decay, mask, k):
-    """_chunk_frobenius (h0 [..., K, K], decay [..., C], mask [..., C, C], k [..., C, K]) as a Pallas kernel per
-    chunk, and its VJP as another. With f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u],
-    c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ) and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s);
-    with v = 2 df2 ∘ d and w = Mᵀv: dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
+def _frobenius_pallas(backend, keys_exact, h0, prefix, k):
+    """_chunk_frobenius on the kernels' operators (h0 [..., K, K], the prefix G [..., C], k [..., C, K];
+    _from_prefix) as a Pallas kernel per chunk, and its VJP as another. With
+    f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u], c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ)
+    and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s); with v = 2 df2 ∘ d and w = Mᵀv:
+    dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
     dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. keys_exact: k holds bf16 values (read as bf16)."""
-    return _frobenius_fwd(backend, keys_exact, h0, decay, mask, k)[0]
+    return _frobenius_fwd(backend, keys_exact, h0, prefix, k)[0]
 
 
 def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_warps=4, level=BF16X3):
@@ -442,7 +467,7 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
     inputs [..., C, K or 1]: returns its float32 outputs [chunks, *shape] for out_shapes given as functions of
     (C, K')."""
     args = _chunk_operands(backend, keys_exact, *ops)
-    rows = _chunk_rows(args, ops[3].shape[-1], *rows)
+    rows = _chunk_rows(args, ops[-1].shape[-1], *rows)
     n, (c, kp) = args[0].shape[0], args[3].shape[1:]
     shapes = [shape(c, kp) for shape in out_shapes]
     return backend.call(partial(kernel, precision=backend.precision(level)), grid=(n,), num_warps=num_warps,
@@ -453,8 +478,9 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
 
 
 def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
-    """Run a per-chunk VJP kernel (_per_chunk); returns the cotangents of the operators in their shapes and
-    dtypes, then the kernel's row_outputs further outputs [..., C, 1]. bf16 inputs (keys_exact): fp16 products
+    """Run a per-chunk VJP kernel (_per_chunk) on the operators (h0, G, k); returns their cotangents in their
+    shapes and dtypes (the kernel's d decay and dM taken to dG), then the kernel's row_outputs further outputs
+    [..., C, 1]. bf16 inputs (keys_exact): fp16 products
     (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side by side;
     the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst 3.3e-3 as
     before)."""
@@ -462,23 +488,29 @@ def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
     shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
     shapes += (lambda c, kp: (c, 1),) * row_outputs
-    grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8, level=_products(keys_exact))
-    dk = ops[3].shape[-1]
-    unpad = (lambda g: g[:, :dk, :dk], lambda g: g, lambda g: g, lambda g: g[..., :dk])
-    dops = tuple(cut(g).reshape(o.shape).astype(o.dtype) for cut, g, o in zip(unpad, grads, ops))
-    return dops + tuple(g.reshape(*ops[1].shape, 1) for g in grads[len(ops):])
+    dh0, ddecay, dmask, dk, *rest = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8,
+                                               level=_products(keys_exact))
+    h0, prefix, k = ops
+    # d decay and dM to dG in XLA, which forms e^G and M inside the reduction (in the kernels, both VJP kernels
+    # spilled more: GKA's fwd+bwd 37.51 against 36.47 ms, H200, T = 32768).
+    _, decay, mask, _ = _from_prefix(*ops)
+    p = dmask.reshape(mask.shape) * mask
+    dprefix = ddecay.reshape(prefix.shape) * decay + jnp.sum(p, axis=-1) - jnp.sum(p, axis=-2)
+    dops = (dh0[:, :h0.shape[-1], :h0.shape[-1]].reshape(h0.shape), dprefix.astype(prefix.dtype),
+            dk[..., :k.shape[-1]].reshape(k.shape).astype(k.dtype))
+    return dops + tuple(g.reshape(*prefix.shape, 1) for g in rest)
 
 
-def _frobenius_fwd(backend, keys_exact, h0, decay, mask, k):
-    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, decay, mask, k), keys_exact, (),
+def _frobenius_fwd(backend, keys_exact, h0, prefix, k):
+    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, prefix, k), keys_exact, (),
                       [lambda c, kp: (c, 1)])
     f = f.reshape(k.shape[:-1])
-    return f, (h0, decay, mask, k, f)
+    return f, (h0, prefix, k, f)
 
 
 def _frobenius_bwd(backend, keys_exact, res, df):
-    h0, decay, mask, k, f = res
-    return _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", (h0, decay, mask, k), keys_exact,
+    h0, prefix, k, f = res
+    return _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", (h0, prefix, k), keys_exact,
                         f[..., None], df[..., None])
 
 
@@ -506,13 +538,12 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, 
     # otherwise be rounded to bf16 before they are summed, and they partly cancel (measured on a CPU, bf16 inputs:
     # GKA's dk 1.1e-2 relative error with bf16 operands, 6.3e-3 with float32).
     q, k, g = (to_head_chunks(x.astype(jnp.float32), chunk_size) for x in (q, k, g))
-    prefix, mask_decay = chunk_decay(g)
+    prefix = jnp.cumsum(g, axis=-1)
     h_kk = h_kk.astype(jnp.float32).reshape(b * h, dk, dk)
-    h0, h_final = scan(backend, mask_decay[..., -1, :, None] * k, k, jnp.exp(prefix[..., -1]), h_kk,
-                       ScanConfig(exact=BF16X3))
-    decay = jnp.exp(prefix)
-    f = _frobenius_pallas(backend, keys_exact, h0, decay, mask_decay, k)[..., None]
-    x = _ridge_solve(_apply_chunk, Solver(num_iter, backend, keys_exact=keys_exact), (h0, decay, mask_decay, k),
+    to_end = jnp.exp(prefix[..., -1:] - prefix)  # e^{G_C − G_s}
+    h0, h_final = scan(backend, to_end[..., None] * k, k, jnp.exp(prefix[..., -1]), h_kk, ScanConfig(exact=BF16X3))
+    f = _frobenius_pallas(backend, keys_exact, h0, prefix, k)[..., None]
+    x = _ridge_solve(_apply_prefix, Solver(num_iter, backend, keys_exact=keys_exact), (h0, prefix, k),
                       ridge_strength * f, f, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 

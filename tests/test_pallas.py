@@ -16,7 +16,6 @@ import pytest
 from jax import export
 
 import pallas_kernels
-from pallas_kernels._common import chunk_decay
 from pallas_kernels._pallas import Backend
 from pallas_kernels.chunk_output import output_backward, output_forward
 from pallas_kernels.chunk_scan import ScanConfig, chunk_scan, state_pass
@@ -208,11 +207,11 @@ def test_kernel_pieces(variant):
     c, k = 32, 128
     keys = jnp.asarray(rng.standard_normal((2, c, k)) / np.sqrt(k), jnp.float32)
     past = jnp.asarray(rng.standard_normal((2, 3 * k, k)) / np.sqrt(k), jnp.float32)
-    prefix, mask = chunk_decay(jnp.asarray(-rng.uniform(0, 0.1, (2, c)), jnp.float32))  # a chunk's decays
-    ops = (jnp.einsum("bnj,bnk->bjk", past, past), jnp.exp(prefix), mask, keys)
+    prefix = jnp.cumsum(jnp.asarray(-rng.uniform(0, 0.1, (2, c)), jnp.float32), axis=-1)  # a chunk's decays
+    ops = (jnp.einsum("bnj,bnk->bjk", past, past), prefix, keys)
     rhs = jnp.asarray(rng.standard_normal((2, c, k)), jnp.float32)
     f = jnp.full((2, c, 1), 3.0 * np.sqrt(k), jnp.float32)
-    solve = lambda solver, ops=ops, f=f: jax.jit(lambda *a: solver(gka_module._apply_chunk, a[:4], *a[4:]))(
+    solve = lambda solver, ops=ops, f=f: jax.jit(lambda *a: solver(gka_module._apply_prefix, a[:3], *a[3:]))(
         *ops, rhs, 0.02 * f, f)
     assert rel(solve(gka_module.Solver(10, backend)), solve(gka_module.Solver(10))) <= 1e-5
     # A chunk's rows split over programs, each against its own keys and the state before its first row: the
@@ -227,7 +226,7 @@ def test_kernel_pieces(variant):
     # kernel scales them into fp16's range, which they overflow or fall under.
     tol = 1e-3 if variant == "pallas_triton" else 1e-5
     for scale in (1.0, 2.0**-12, 2.0**12):
-        scaled = (ops[0] * scale**2, *ops[1:3], keys.astype(jnp.bfloat16).astype(jnp.float32) * scale)
+        scaled = (ops[0] * scale**2, ops[1], keys.astype(jnp.bfloat16).astype(jnp.float32) * scale)
         want = solve(gka_module.Solver(10), scaled, f * scale**2)
         assert rel(solve(gka_module.Solver(10, backend, keys_exact=True), scaled, f * scale**2), want) <= tol, scale
 
@@ -272,9 +271,9 @@ def test_gka_chunk_kernels_against_autodiff(variant, keys_exact):
     h0 = jnp.einsum("...nj,...nk->...jk", past, past) + jnp.asarray(rng.standard_normal((bh, n, k, k)) * 0.01,
                                                                      jnp.float32)
     prefix = jnp.cumsum(-jnp.abs(jnp.asarray(rng.standard_normal((bh, n, c)) * 0.1, jnp.float32)), axis=-1)
-    ops = (h0, jnp.exp(prefix), jnp.tril(jnp.exp(prefix[..., :, None] - prefix[..., None, :])), keys)
+    ops = (h0, prefix, keys)  # the kernels' operators: e^G and M formed from G (_from_prefix)
     df = jnp.asarray(rng.standard_normal((bh, n, c)), jnp.float32)
-    ref, ref_vjp = jax.vjp(gka_module._chunk_frobenius, *ops)
+    ref, ref_vjp = jax.vjp(lambda *a: gka_module._chunk_frobenius(*gka_module._from_prefix(*a)), *ops)
     f, vjp = jax.vjp(lambda *a: gka_module._frobenius_pallas(backend, keys_exact, *a), *ops)
     tol = 2e-5 if variant == "pallas_triton" else 1e-6  # bf16x3 products (~16 bits) on Triton
     # The VJP kernels' fp16 products on Triton with bf16 keys (one part, 11 bits): measured ≤ 5.1e-4 here.
@@ -284,8 +283,8 @@ def test_gka_chunk_kernels_against_autodiff(variant, keys_exact):
         assert rel(a, b) <= vjp_tol
     x = jnp.asarray(rng.standard_normal((bh, n, c, k)) * 30, jnp.float32)
     y = jnp.asarray(rng.standard_normal((bh, n, c, k)), jnp.float32)
-    want = gka_module.Solver(10).operator_vjp(gka_module._apply_chunk, ops, x, y)
-    got = gka_module.Solver(10, backend, keys_exact=keys_exact).operator_vjp(gka_module._apply_chunk, ops, x, y)
+    want = gka_module.Solver(10).operator_vjp(gka_module._apply_prefix, ops, x, y)
+    got = gka_module.Solver(10, backend, keys_exact=keys_exact).operator_vjp(gka_module._apply_prefix, ops, x, y)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel(a, b) <= vjp_tol
 
