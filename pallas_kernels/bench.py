@@ -213,7 +213,7 @@ def components(b, t, h, d, repeats: int, num_iter: int) -> None:
     float32 XLA, as the previous version ran it) and GKA's solve (Pallas kernel with float32 or bf16 keys vs XLA)."""
     from pallas_kernels._pallas import BF16X3, backend_for
     from pallas_kernels.chunk_scan import ScanConfig, scan, state_pass
-    from pallas_kernels.gka import Solver, _apply_chunk
+    from pallas_kernels.gka import Solver, _apply_prefix
 
     backend, c = backend_for(), 64
     bh, n = b * h, -(-t // c)
@@ -242,17 +242,16 @@ def components(b, t, h, d, repeats: int, num_iter: int) -> None:
         print(f"| WY preparation (gated delta rule), {name} | {median_ms(fwd, wy_args, repeats):.3f} "
               f"| {median_ms(both, wy_args, repeats):.3f} |")
     past = normal(bh, n, 3 * d, d, s=d**-0.5)
-    ops = (jnp.einsum("...nj,...nk->...jk", past, past), jnp.ones((bh, n, c), jnp.float32),
-           jnp.tril(jnp.ones((bh, n, c, c), jnp.float32)), kw)
+    ops = (jnp.einsum("...nj,...nk->...jk", past, past), jnp.zeros((bh, n, c), jnp.float32), kw)  # G = 0: no decay
     f = jnp.full((bh, n, c, 1), 3.0 * d**0.5, jnp.float32)
-    bf16_keys = (*ops[:3], kw.astype(jnp.bfloat16).astype(jnp.float32))  # as GKA's bf16 inputs give them
+    bf16_keys = (*ops[:2], kw.astype(jnp.bfloat16).astype(jnp.float32))  # as GKA's bf16 inputs give them
     for name, solver, ops_ in ((f"GKA solve, {num_iter} it, Pallas", Solver(num_iter, backend), ops),
                                (f"GKA solve, {num_iter} it, Pallas, bf16 keys",
                                 Solver(num_iter, backend, keys_exact=True), bf16_keys),
                                (f"GKA solve, {num_iter} it, XLA HIGHEST", Solver(num_iter), ops),
                                (f"GKA solve, {num_iter} it, XLA {backend.precision(exact=True)}",
                                 Solver(num_iter, None, backend.precision(exact=True)), ops)):
-        solve = jax.jit(lambda *a, solver=solver: solver(_apply_chunk, a[:4], *a[4:]))
+        solve = jax.jit(lambda *a, solver=solver: solver(_apply_prefix, a[:3], *a[3:]))
         try:
             print(f"| {name} | {median_ms(solve, (*ops_, u, 0.02 * f, f), repeats):.3f} | |")
         except Exception as e:  # noqa: BLE001 - e.g. more shared memory than the GPU has

@@ -40,8 +40,8 @@ TRITON = {"fwd": (4, 2), "bwd": (8, 2), "bwd_dw": (4, 2)}
 
 def decay_matrix(gc, gr, strict=False):
     """M[t, s] = e^{G_t − G_s} for s ≤ t (s < t when strict), else 0 (masked before the exp), from G as a column
-    and as a row."""
-    c = gc.shape[0]
+    [..., C, 1] and as a row [..., 1, C]."""
+    c = gc.shape[-2]
     rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
     return jnp.exp(jnp.where(rows > cols if strict else rows >= cols, gc - gr, -jnp.inf))

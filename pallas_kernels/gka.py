@@ -160,10 +160,7 @@ def _apply_chunk(ops, x, precision=jax.lax.Precision.HIGHEST):
 def _from_prefix(h0, prefix, k):
     """The kernels' chunk operators (h0, G, k) as _apply_chunk's: decay e^{G_t}, M[t,s] = e^{G_t − G_s} (s ≤ t),
     as the kernels form them on chip (from the prefix, not segment sums)."""
-    c = prefix.shape[-1]
-    causal = jnp.tril(jnp.ones((c, c), bool))
-    mask = jnp.exp(jnp.where(causal, prefix[..., :, None] - prefix[..., None, :], -jnp.inf))
-    return h0, jnp.exp(prefix), mask, k
+    return h0, jnp.exp(prefix), decay_matrix(prefix[..., :, None], prefix[..., None, :]), k
 
 
 def _apply_prefix(ops, x, precision=jax.lax.Precision.HIGHEST):
@@ -433,7 +430,7 @@ def _frobenius_bwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, df_ref, dh0_ref,
 
 def _operator_vjp_kernel(h0_ref, gc_ref, gr_ref, k_ref, x_ref, dq_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
                          dlam_ref, *, precision):
-    """Solver.operator_vjp for _apply_chunk's rows x: with y = −dq and out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
+    """Solver.operator_vjp for _apply_prefix's rows x: with y = −dq and out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
     dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
     dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X)."""
     mm = partial(dot, precision=precision)
@@ -480,10 +477,9 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
 def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
     """Run a per-chunk VJP kernel (_per_chunk) on the operators (h0, G, k); returns their cotangents in their
     shapes and dtypes (the kernel's d decay and dM taken to dG), then the kernel's row_outputs further outputs
-    [..., C, 1]. bf16 inputs (keys_exact): fp16 products
-    (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side by side;
-    the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst 3.3e-3 as
-    before)."""
+    [..., C, 1]. bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd
+    64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors moved
+    by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst 3.3e-3 as before)."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
     shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
