@@ -126,6 +126,14 @@ def dot(a, b, *, ta: bool = False, tb: bool = False, precision=None):
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def operand(x, precision):
+    """x in dot's operand form at precision (scaled_f16's pair for F16, split16's for BF16X3), converted once for
+    a tile that several products share: each conversion of a tile takes a max over it or a split."""
+    if precision == F16:
+        return scaled_f16(x)
+    return split16(x) if precision == BF16X3 else x
+
+
 def corrected_values(u, w, s, precision=None):
     """The gated delta rule's corrected values u − w S in float32, S rounded to w's dtype for the product. Its state
     pass forms them and its output kernel forms them again from the saved (rounded) states: both call this, so

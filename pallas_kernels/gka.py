@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (acc_dtype, check_pallas_chunk, check_qkv, chunk_decay, einsum, from_chunks,
                                     from_head_chunks, resolve_impl, to_chunks, to_head_chunks)
-from pallas_kernels._pallas import (BF16X3, F16, Backend, backend_for, dot, pad_axis, pow2_at_least, scaled_f16,
-                                    split16, tile_max, tile_sum)
+from pallas_kernels._pallas import (BF16X3, F16, Backend, backend_for, dot, operand, pad_axis, pow2_at_least,
+                                    scaled_f16, split16, tile_max, tile_sum)
 from pallas_kernels.chunk_output import decay_matrix
 from pallas_kernels.chunk_scan import ScanConfig, scan
 from pallas_kernels.simple_gla import _pallas as simple_gla_pallas
@@ -385,18 +385,21 @@ def _flip(x):
     return jnp.sum(jnp.where(eye, x, 0), axis=0 if x.shape[1] == 1 else 1, keepdims=True)
 
 
-def _frobenius_terms(h0, decay, mask, k, mm):
-    """In-kernel pieces of _chunk_frobenius for one chunk: ‖H_t‖_F² [C, 1] and what its VJP reuses. Products
-    with a vector are elementwise sums, not [C, C] × [C, K] matmuls."""
-    k32 = k.astype(jnp.float32)
-    kh = mm(k, h0)  # rows k_s H₀
-    c_row = _flip(jnp.sum(kh * k32, axis=1, keepdims=True))  # k_sᵀ H₀ k_s as a row
-    kk = mm(k, k, tb=True)
-    mw = mm(mask, kk * kk)  # Σ_s M[t,s] (k_s·k_u)²
+def _frobenius_terms(h0, decay, mask, k, precision):
+    """In-kernel pieces of _chunk_frobenius for one chunk: ‖H_t‖_F² [C, 1] and what its VJP reuses (with k, H₀ and
+    M as product operands, converted once). Products with a vector are elementwise sums, not [C, C] × [C, K]
+    matmuls."""
+    mm = partial(dot, precision=precision)
+    k32, ko, ho, mo = k.astype(jnp.float32), operand(k, precision), operand(h0, precision), operand(mask, precision)
+    kh = mm(ko, ho)  # rows k_s H₀
+    c = jnp.sum(kh * k32, axis=1, keepdims=True)  # k_sᵀ H₀ k_s
+    c_row = _flip(c)
+    kk = mm(ko, ko, tb=True)
+    mw = mm(mo, kk * kk)  # Σ_s M[t,s] (k_s·k_u)²
     mc = jnp.sum(mask * c_row, axis=1, keepdims=True)  # Σ_s M[t,s] k_sᵀ H₀ k_s
     h0_sq = tile_sum(h0 * h0)
     f2 = decay * decay * h0_sq + 2 * decay * mc + jnp.sum(mw * mask, axis=1, keepdims=True)
-    return f2, (k32, kh, c_row, kk, mw, mc, h0_sq)
+    return f2, (k32, kh, c, c_row, kk, mw, mc, h0_sq, ko, ho, mo)
 
 
 def _chunk_decays(gc_ref, gr_ref):
@@ -406,46 +409,46 @@ def _chunk_decays(gc_ref, gr_ref):
 
 
 def _frobenius_fwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, *, precision):
-    mm = partial(dot, precision=precision)
-    f2, _ = _frobenius_terms(h0_ref[...], *_chunk_decays(gc_ref, gr_ref), k_ref[...], mm)
+    f2, _ = _frobenius_terms(h0_ref[...], *_chunk_decays(gc_ref, gr_ref), k_ref[...], precision)
     f_ref[...] = _safe_sqrt(f2)
 
 
-def _frobenius_bwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, df_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref, *,
-                          precision):
+def _frobenius_bwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, df_ref, dh0_ref, dg_ref, dk_ref, *, precision):
     """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
     mm = partial(dot, precision=precision)
-    (decay, mask), h0, k, f = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], f_ref[...]
-    _, (k32, kh, c_row, kk, mw, mc, h0_sq) = _frobenius_terms(h0, decay, mask, k, mm)
+    (decay, mask), h0, k, f, df = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], f_ref[...], df_ref[...]
+    _, (k32, kh, c, c_row, kk, mw, mc, h0_sq, ko, ho, mo) = _frobenius_terms(h0, decay, mask, k, precision)
     pos = f > 0
-    df2 = jnp.where(pos, df_ref[...] / (2 * jnp.where(pos, f, 1)), 0)
-    v = 2 * df2 * decay
-    ddecay_ref[...] = 2 * df2 * (decay * h0_sq + mc)
-    w = _flip(jnp.sum(mask * v, axis=0, keepdims=True))  # w_s = Σ_t M[t,s] v_t
-    dh0_ref[...] = 2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, k, ta=True)
-    d_kk = 2 * kk * mm(mask, df2 * mask, ta=True)
-    dk_ref[...] = w * (kh + mm(k, h0, tb=True)) + 2 * mm(d_kk, k)
-    dmask_ref[...] = v * c_row + 2 * df2 * mw
+    df2 = jnp.where(pos, df / (2 * jnp.where(pos, f, 1)), 0)
+    w = _flip(jnp.sum(mask * (2 * df2 * decay), axis=0, keepdims=True))  # w_s = Σ_t M[t,s] v_t
+    dh0_ref[...] = 2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, ko, ta=True)
+    d_kk = 2 * kk * mm(mo, df2 * mask, ta=True)
+    dk_ref[...] = w * (kh + mm(ko, ho, tb=True)) + 2 * mm(d_kk, ko)
+    dg_ref[...] = df * f - c * w - jnp.sum(kk * d_kk, axis=1, keepdims=True)
 
 
-def _operator_vjp_kernel(h0_ref, gc_ref, gr_ref, k_ref, x_ref, dq_ref, dh0_ref, ddecay_ref, dmask_ref, dk_ref,
-                         dlam_ref, *, precision):
+def _operator_vjp_kernel(h0_ref, gc_ref, gr_ref, k_ref, x_ref, dq_ref, dh0_ref, dg_ref, dk_ref, dlam_ref, *,
+                         precision):
     """Solver.operator_vjp for _apply_prefix's rows x: with y = −dq and out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
     dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
-    dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X)."""
+    dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X). G enters through decay = e^G and
+    M[t,s] = e^{G_t − G_s}: dG = d decay ∘ decay + rowsum(P) − colsum(P) with P = dM ∘ M."""
     mm = partial(dot, precision=precision)
     (decay, mask), h0, k, x = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], x_ref[...]
     y = -dq_ref[...]
     dlam_ref[...] = jnp.sum(y * x, axis=1, keepdims=True)
-    dh0_ref[...] = mm(decay * y, x, ta=True)
-    ddecay_ref[...] = jnp.sum(y * mm(x, h0, tb=True), axis=1, keepdims=True)
-    if precision == F16:  # the scores take x and y in two parts (in one, GKA's dg error went 1.7e-3 → 4.2e-3)
-        x2, y2, k = scaled_f16(x, parts=2), scaled_f16(y, parts=2), scaled_f16(k)
-        xk, yk = mm(x2, k, tb=True), mm(y2, k, tb=True)
-    else:
-        xk, yk = mm(x, k, tb=True), mm(y, k, tb=True)
-    dmask_ref[...] = xk * yk
-    dk_ref[...] = mm(xk * mask, y, ta=True) + mm(yk * mask, x, ta=True)
+    # The scores take x and y in two parts under F16 (in one, GKA's dg error went 1.7e-3 → 4.2e-3); their other
+    # products take the high part (what one part would be).
+    x2, y2 = (scaled_f16(a, parts=2) if precision == F16 else operand(a, precision) for a in (x, y))
+    xo, yo = ((a[0][0], a[1]) if precision == F16 else a for a in (x2, y2))
+    ko = operand(k, precision)
+    dh0_ref[...] = mm(decay * y, xo, ta=True)
+    ddecay = jnp.sum(y * mm(xo, operand(h0, precision), tb=True), axis=1, keepdims=True)
+    xk, yk = mm(x2, ko, tb=True), mm(y2, ko, tb=True)
+    xkm, ykm = xk * mask, yk * mask
+    p = xkm * yk  # dM ∘ M
+    dg_ref[...] = decay * ddecay + jnp.sum(p, axis=1, keepdims=True) - _flip(jnp.sum(p, axis=0, keepdims=True))
+    dk_ref[...] = mm(xkm, yo, ta=True) + mm(ykm, xo, ta=True)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -455,7 +458,11 @@ def _frobenius_pallas(backend, keys_exact, h0, prefix, k):
     f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u], c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ)
     and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s); with v = 2 df2 ∘ d and w = Mᵀv:
     dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
-    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. keys_exact: k holds bf16 values (read as bf16)."""
+    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. G enters through d = e^G and M[t,s] = e^{G_t − G_s}:
+    dG = dd ∘ d + rowsum(P) − colsum(P) with P = dM ∘ M, whose sums close without forming P:
+    rowsum(P)_t = v_t (Mc)_t + 2 df2_t Σ_s (MW)[t,s] M[t,s], colsum(P)_s = c_s w_s + 2 rowsum(W ∘ Mᵀ diag(df2) M)_s,
+    and the three terms on t's side add up to 2 df2_t f2_t, so dG_t = df_t f_t − c_t w_t − rowsum(W ∘ MᵀDM)_t·2.
+    keys_exact: k holds bf16 values (read as bf16)."""
     return _frobenius_fwd(backend, keys_exact, h0, prefix, k)[0]
 
 
@@ -476,23 +483,18 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
 
 def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
     """Run a per-chunk VJP kernel (_per_chunk) on the operators (h0, G, k); returns their cotangents in their
-    shapes and dtypes (the kernel's d decay and dM taken to dG), then the kernel's row_outputs further outputs
-    [..., C, 1]. bf16 inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd
-    64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors moved
-    by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst 3.3e-3 as before)."""
+    shapes and dtypes, then the kernel's row_outputs further outputs [..., C, 1]. bf16 inputs (keys_exact): fp16
+    products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side
+    by side; the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst
+    3.3e-3 as before)."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
     # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
-    shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, c), lambda c, kp: (c, kp))
+    shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, kp))
     shapes += (lambda c, kp: (c, 1),) * row_outputs
-    dh0, ddecay, dmask, dk, *rest = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8,
-                                               level=_products(keys_exact))
+    dh0, dprefix, dk, *rest = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8,
+                                         level=_products(keys_exact))
     h0, prefix, k = ops
-    # d decay and dM to dG in XLA, which forms e^G and M inside the reduction (in the kernels, both VJP kernels
-    # spilled more: GKA's fwd+bwd 37.51 against 36.47 ms, H200, T = 32768).
-    _, decay, mask, _ = _from_prefix(*ops)
-    p = dmask.reshape(mask.shape) * mask
-    dprefix = ddecay.reshape(prefix.shape) * decay + jnp.sum(p, axis=-1) - jnp.sum(p, axis=-2)
-    dops = (dh0[:, :h0.shape[-1], :h0.shape[-1]].reshape(h0.shape), dprefix.astype(prefix.dtype),
+    dops = (dh0[:, :h0.shape[-1], :h0.shape[-1]].reshape(h0.shape), dprefix.reshape(prefix.shape).astype(prefix.dtype),
             dk[..., :k.shape[-1]].reshape(k.shape).astype(k.dtype))
     return dops + tuple(g.reshape(*prefix.shape, 1) for g in rest)
 
