@@ -105,16 +105,6 @@ class Solver:
             return _chebyshev(lambda r, d: r - apply(d), rhs, lam, f, self.num_iter)
         return _chebyshev_pallas(self, ops, rhs, lam, f)
 
-    def operator_vjp(self, apply_h, ops, x, dq):
-        """The cotangents of ops and λ for dA = −dq xᵀ on A = H(ops) + λI (the solve's implicit backward): the VJP
-        of ops ↦ apply_h(ops, x) at −dq, and −Σ_k dq·x. XLA autodiff, or the Pallas kernel (chunk operators), which
-        also takes the row sums in its one pass over x and dq."""
-        if self.backend is None:
-            return jax.vjp(lambda o: apply_h(o, x), ops)[1](-dq)[0], -jnp.sum(dq * x, axis=-1, keepdims=True)
-        grads = _chunk_grads(self.backend, _operator_vjp_kernel, "gka_operator_vjp", ops, self.keys_exact, x, dq,
-                             row_outputs=1)
-        return grads[:-1], grads[-1]
-
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _ridge_solve(apply_h, solver, ops, lam, f, q):
@@ -136,7 +126,8 @@ def _ridge_solve_bwd(apply_h, solver, res, dx):
     # not depend on it (its true dependence on H is carried by λ = r·f outside this function).
     ops, lam, f, x = res
     dq = solver(apply_h, ops, dx, lam, f)  # 0 where f = 0 (_chebyshev)
-    dops, dlam = solver.operator_vjp(apply_h, ops, x, dq)
+    dops = jax.vjp(lambda o: apply_h(o, x), ops)[1](-dq)[0]
+    dlam = -jnp.sum(dq * x, axis=-1, keepdims=True)
     return dops, dlam, jnp.zeros_like(f), jnp.where(f > 0, dq, dx)
 
 
@@ -413,57 +404,55 @@ def _frobenius_fwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, *, precision):
     f_ref[...] = _safe_sqrt(f2)
 
 
-def _frobenius_bwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, df_ref, dh0_ref, dg_ref, dk_ref, *, precision):
-    """The VJP of _frobenius_terms' f = √f2 (derivation in _frobenius_pallas)."""
+def _frobenius_weights(df, f, decay, mask):
+    """df2 = df / 2f (0 where f = 0) and w = Mᵀ(2 df2 ∘ d) as a column: the weights of ‖H_t‖_F's VJP."""
+    pos = f > 0
+    df2 = jnp.where(pos, df / (2 * jnp.where(pos, f, 1)), 0)
+    return df2, _flip(jnp.sum(mask * (2 * df2 * decay), axis=0, keepdims=True))
+
+
+def _frobenius_bwd_kernel(h0_ref, gc_ref, gr_ref, k_ref, f_ref, df_ref, dg_ref, dk_ref, *, precision):
+    """The VJP of _frobenius_terms' f = √f2, but for dH₀ (which _operator_vjp_kernel adds). With
+    f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u], c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ),
+    d = e^G, df2 = df / 2f, v = 2 df2 ∘ d and w = Mᵀv: dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K,
+    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K, and dG = dd ∘ d + rowsum(P) − colsum(P) with
+    dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s), P = dM ∘ M and dM = v cᵀ + 2 diag(df2) M W. The sums close
+    without forming P: dd_t d_t + rowsum(P)_t = 2 df2_t f2_t = df_t f_t, and
+    colsum(P)_s = c_s w_s + 2 Σ_u W[s,u] (Mᵀ diag(df2) M)[s,u]."""
     mm = partial(dot, precision=precision)
     (decay, mask), h0, k, f, df = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], f_ref[...], df_ref[...]
     _, (k32, kh, c, c_row, kk, mw, mc, h0_sq, ko, ho, mo) = _frobenius_terms(h0, decay, mask, k, precision)
-    pos = f > 0
-    df2 = jnp.where(pos, df / (2 * jnp.where(pos, f, 1)), 0)
-    w = _flip(jnp.sum(mask * (2 * df2 * decay), axis=0, keepdims=True))  # w_s = Σ_t M[t,s] v_t
-    dh0_ref[...] = 2 * tile_sum(df2 * decay * decay) * h0 + mm(w * k32, ko, ta=True)
+    df2, w = _frobenius_weights(df, f, decay, mask)
     d_kk = 2 * kk * mm(mo, df2 * mask, ta=True)
     dk_ref[...] = w * (kh + mm(ko, ho, tb=True)) + 2 * mm(d_kk, ko)
     dg_ref[...] = df * f - c * w - jnp.sum(kk * d_kk, axis=1, keepdims=True)
 
 
-def _operator_vjp_kernel(h0_ref, gc_ref, gr_ref, k_ref, x_ref, dq_ref, dh0_ref, dg_ref, dk_ref, dlam_ref, *,
-                         precision):
-    """Solver.operator_vjp for _apply_prefix's rows x: with y = −dq and out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K,
-    dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ), dM = (X Kᵀ) ∘ (Y Kᵀ),
-    dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X). G enters through decay = e^G and
-    M[t,s] = e^{G_t − G_s}: dG = d decay ∘ decay + rowsum(P) − colsum(P) with P = dM ∘ M."""
+def _operator_vjp_kernel(h0_ref, gc_ref, gr_ref, k_ref, x_ref, dq_ref, f_ref, dh0_ref, dg_ref, dk_ref, dlam_ref,
+                         *, ridge, precision):
+    """The solve's implicit backward for _apply_prefix's rows x (_operator_grads), with y = −dq and
+    out = decay ∘ (X H₀ᵀ) + ((X Kᵀ) ∘ M) K: dH₀ = (decay ∘ Y)ᵀ X, d decay = rowsum(Y ∘ X H₀ᵀ),
+    dM = (X Kᵀ) ∘ (Y Kᵀ), dK = ((X Kᵀ) ∘ M)ᵀ Y + ((Y Kᵀ) ∘ M)ᵀ X, and dλ = rowsum(Y ∘ X). G enters through
+    decay = e^G and M[t,s] = e^{G_t − G_s}: dG = d decay ∘ decay + rowsum(P) − colsum(P) with P = dM ∘ M.
+    dH₀ also takes ‖H_t‖_F's share through λ = ridge·f (df = ridge·dλ; _frobenius_bwd_kernel has the rest):
+    2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K with df2 = df / 2f and w = Mᵀ(2 df2 ∘ d)."""
     mm = partial(dot, precision=precision)
-    (decay, mask), h0, k, x = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], x_ref[...]
+    (decay, mask), h0, k, x, f = _chunk_decays(gc_ref, gr_ref), h0_ref[...], k_ref[...], x_ref[...], f_ref[...]
     y = -dq_ref[...]
-    dlam_ref[...] = jnp.sum(y * x, axis=1, keepdims=True)
-    # The scores take x and y in two parts under F16 (in one, GKA's dg error went 1.7e-3 → 4.2e-3); their other
-    # products take the high part (what one part would be).
+    dlam = jnp.sum(y * x, axis=1, keepdims=True)
+    dlam_ref[...] = dlam
+    df2, w = _frobenius_weights(ridge * dlam, f, decay, mask)
     x2, y2 = (scaled_f16(a, parts=2) if precision == F16 else operand(a, precision) for a in (x, y))
     xo, yo = ((a[0][0], a[1]) if precision == F16 else a for a in (x2, y2))
     ko = operand(k, precision)
-    dh0_ref[...] = mm(decay * y, xo, ta=True)
+    dh0_ref[...] = (mm(decay * y, xo, ta=True) + mm(w * k.astype(jnp.float32), ko, ta=True)
+                    + 2 * tile_sum(df2 * decay * decay) * h0)
     ddecay = jnp.sum(y * mm(xo, operand(h0, precision), tb=True), axis=1, keepdims=True)
     xk, yk = mm(x2, ko, tb=True), mm(y2, ko, tb=True)
     xkm, ykm = xk * mask, yk * mask
     p = xkm * yk  # dM ∘ M
     dg_ref[...] = decay * ddecay + jnp.sum(p, axis=1, keepdims=True) - _flip(jnp.sum(p, axis=0, keepdims=True))
     dk_ref[...] = mm(xkm, yo, ta=True) + mm(ykm, xo, ta=True)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _frobenius_pallas(backend, keys_exact, h0, prefix, k):
-    """_chunk_frobenius on the kernels' operators (h0 [..., K, K], the prefix G [..., C], k [..., C, K];
-    _from_prefix) as a Pallas kernel per chunk, and its VJP as another. With
-    f2_t = d_t²‖H₀‖² + 2 d_t Σ_s M[t,s] c_s + Σ_{s,u} M[t,s] W[s,u] M[t,u], c_s = k_sᵀH₀k_s, W = (K Kᵀ)∘(K Kᵀ)
-    and df2 = df / 2f: dd_t = df2_t (2 d_t‖H₀‖² + 2 Σ_s M[t,s] c_s); with v = 2 df2 ∘ d and w = Mᵀv:
-    dH₀ = 2 (Σ_t df2_t d_t²) H₀ + Kᵀ diag(w) K; dM = v cᵀ + 2 diag(df2) M W;
-    dK = diag(w) K (H₀ + H₀ᵀ) + 4 (K Kᵀ ∘ Mᵀ diag(df2) M) K. G enters through d = e^G and M[t,s] = e^{G_t − G_s}:
-    dG = dd ∘ d + rowsum(P) − colsum(P) with P = dM ∘ M, whose sums close without forming P:
-    rowsum(P)_t = v_t (Mc)_t + 2 df2_t Σ_s (MW)[t,s] M[t,s], colsum(P)_s = c_s w_s + 2 rowsum(W ∘ Mᵀ diag(df2) M)_s,
-    and the three terms on t's side add up to 2 df2_t f2_t, so dG_t = df_t f_t − c_t w_t − rowsum(W ∘ MᵀDM)_t·2.
-    keys_exact: k holds bf16 values (read as bf16)."""
-    return _frobenius_fwd(backend, keys_exact, h0, prefix, k)[0]
 
 
 def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_warps=4, level=BF16X3):
@@ -481,38 +470,66 @@ def _per_chunk(backend, kernel, name, ops, keys_exact, rows, out_shapes, num_war
                         semantics=("parallel",), name=name)(*args, *rows)
 
 
-def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, row_outputs=0):
+def _chunk_grads(backend, kernel, name, ops, keys_exact, *rows, h0_grad=True, row_outputs=0):
     """Run a per-chunk VJP kernel (_per_chunk) on the operators (h0, G, k); returns their cotangents in their
-    shapes and dtypes, then the kernel's row_outputs further outputs [..., C, 1]. bf16 inputs (keys_exact): fp16
-    products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms against 67.00 / 67.05 with bf16x3, side
-    by side; the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg up to 3.3e-4, the gradients' worst
-    3.3e-3 as before)."""
+    shapes and dtypes (dh0 None unless h0_grad), then the kernel's row_outputs further outputs [..., C, 1]. bf16
+    inputs (keys_exact): fp16 products (F16). GKA at T = 32768 on an H100: fwd+bwd 64.82 / 65.06 ms against
+    67.00 / 67.05 with bf16x3, side by side; the device tests' bf16 gradient errors moved by ≤ 1.3e-4 (dg up to
+    3.3e-4, the gradients' worst 3.3e-3 as before)."""
     # 8 warps: the [K, K] float32 cotangent of H₀ is half the registers per thread (H100, T = 8192: the operator's
-    # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85).
-    shapes = (lambda c, kp: (kp, kp), lambda c, kp: (c, 1), lambda c, kp: (c, kp))
-    shapes += (lambda c, kp: (c, 1),) * row_outputs
-    dh0, dprefix, dk, *rest = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8,
-                                         level=_products(keys_exact))
+    # VJP 1.46 ms vs 2.07 at 4 warps, 4.22 at 16, XLA 1.85). ‖H_t‖_F's VJP, without one, at 4 warps: GKA's fwd+bwd
+    # 35.86 against 33.12 ms (H200, T = 32768).
+    shapes = ((lambda c, kp: (kp, kp)),) if h0_grad else ()
+    shapes += (lambda c, kp: (c, 1), lambda c, kp: (c, kp)) + (lambda c, kp: (c, 1),) * row_outputs
+    grads = _per_chunk(backend, kernel, name, ops, keys_exact, rows, shapes, num_warps=8,
+                       level=_products(keys_exact))
+    dh0, (dprefix, dk, *rest) = (grads[0], grads[1:]) if h0_grad else (None, grads)
     h0, prefix, k = ops
-    dops = (dh0[:, :h0.shape[-1], :h0.shape[-1]].reshape(h0.shape), dprefix.reshape(prefix.shape).astype(prefix.dtype),
-            dk[..., :k.shape[-1]].reshape(k.shape).astype(k.dtype))
-    return dops + tuple(g.reshape(*prefix.shape, 1) for g in rest)
+    dh0 = None if dh0 is None else dh0[:, :h0.shape[-1], :h0.shape[-1]].reshape(h0.shape)
+    return (dh0, dprefix.reshape(prefix.shape).astype(prefix.dtype),
+            dk[..., :k.shape[-1]].reshape(k.shape).astype(k.dtype), *(g.reshape(*prefix.shape, 1) for g in rest))
 
 
-def _frobenius_fwd(backend, keys_exact, h0, prefix, k):
-    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", (h0, prefix, k), keys_exact, (),
-                      [lambda c, kp: (c, 1)])
-    f = f.reshape(k.shape[:-1])
-    return f, (h0, prefix, k, f)
+def _frobenius(backend, keys_exact, ops):
+    """_chunk_frobenius on the kernels' operators (h0 [..., K, K], the prefix G [..., C], k [..., C, K];
+    _from_prefix) as a Pallas kernel per chunk: f [..., C, 1]. keys_exact: k holds bf16 values (read as bf16)."""
+    (f,) = _per_chunk(backend, _frobenius_fwd_kernel, "gka_frobenius", ops, keys_exact, (), [lambda c, kp: (c, 1)])
+    return f.reshape(*ops[2].shape[:-1], 1)
 
 
-def _frobenius_bwd(backend, keys_exact, res, df):
-    h0, prefix, k, f = res
-    return _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", (h0, prefix, k), keys_exact,
-                        f[..., None], df[..., None])
+def _operator_grads(solver, ridge, ops, f, x, dq):
+    """The chunk operators' cotangents from the implicit backward of x = (H_t + λ_t I)⁻¹q (dA = −dq xᵀ, and
+    dλ = −dq·x into λ = ridge·f, f = ‖H_t‖_F), by the two VJP kernels: the operator's, which adds ‖H_t‖_F's dH₀
+    (one [K, K] cotangent written, none summed in XLA), then ‖H_t‖_F's for dG and dk."""
+    backend, keys_exact = solver.backend, solver.keys_exact
+    dh0, dg, dk, dlam = _chunk_grads(backend, partial(_operator_vjp_kernel, ridge=ridge), "gka_operator_vjp", ops,
+                                     keys_exact, x, dq, f, row_outputs=1)
+    _, dg_f, dk_f = _chunk_grads(backend, _frobenius_bwd_kernel, "gka_frobenius_bwd", ops, keys_exact, f,
+                                 ridge * dlam, h0_grad=False)
+    return dh0, dg + dg_f, dk + dk_f
 
 
-_frobenius_pallas.defvjp(_frobenius_fwd, _frobenius_bwd)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_solve(solver, ridge, h0, prefix, k, q):
+    """_ridge_solve with λ = ridge·‖H_t‖_F on the kernels' chunk operators (h0, G, k) and rows q [..., C, K]: one
+    custom VJP for ‖H_t‖_F and the solve, so that their [K, K] cotangents of H₀ meet in one kernel."""
+    return _kernel_solve_fwd(solver, ridge, h0, prefix, k, q)[0]
+
+
+def _kernel_solve_fwd(solver, ridge, h0, prefix, k, q):
+    ops = (h0, prefix, k)
+    f = _frobenius(solver.backend, solver.keys_exact, ops)
+    x = jnp.where(f > 0, solver(_apply_prefix, ops, q, ridge * f, f), q)
+    return x, (ops, f, x)
+
+
+def _kernel_solve_bwd(solver, ridge, res, dx):
+    ops, f, x = res
+    dq = solver(_apply_prefix, ops, dx, ridge * f, f)  # 0 where f = 0 (_chebyshev)
+    return (*_operator_grads(solver, ridge, ops, f, x, dq), jnp.where(f > 0, dq, dx))
+
+
+_kernel_solve.defvjp(_kernel_solve_fwd, _kernel_solve_bwd)
 
 
 def _chunked_solve(q, k, g, h_kk, ridge_strength, num_iter, chunk_size):
@@ -540,9 +557,7 @@ def _pallas_solve(backend, q, k, g, h_kk, ridge_strength, num_iter, chunk_size, 
     h_kk = h_kk.astype(jnp.float32).reshape(b * h, dk, dk)
     to_end = jnp.exp(prefix[..., -1:] - prefix)  # e^{G_C − G_s}
     h0, h_final = scan(backend, to_end[..., None] * k, k, jnp.exp(prefix[..., -1]), h_kk, ScanConfig(exact=BF16X3))
-    f = _frobenius_pallas(backend, keys_exact, h0, prefix, k)[..., None]
-    x = _ridge_solve(_apply_prefix, Solver(num_iter, backend, keys_exact=keys_exact), (h0, prefix, k),
-                      ridge_strength * f, f, q)
+    x = _kernel_solve(Solver(num_iter, backend, keys_exact=keys_exact), ridge_strength, h0, prefix, k, q)
     return from_head_chunks(x, b, t), h_final.reshape(b, h, dk, dk)
 
 
