@@ -35,7 +35,7 @@ from pallas_kernels._pallas import BF16X3, Backend, corrected_values, dot, grid_
 
 f32 = jnp.float32
 # Triton launch settings (warps, pipeline stages) per kernel: 4 and 8 warps timed on an H100 (BENCHMARKS.md).
-TRITON = {"fwd": (4, 2), "bwd": (8, 2), "bwd_dw": (4, 2)}
+TRITON = {"fwd": (4, 2), "bwd": (8, 2), "bwd_dw": (4, 2), "bwd_q": (8, 2), "bwd_k": (8, 2)}
 
 
 def decay_matrix(gc, gr, strict=False):
@@ -70,41 +70,76 @@ def _fwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, *refs, scale, precis
     o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
-def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, dq_ref, dk_ref, du_ref, dg_ref,
-                *dw_ref, scale, precision):
-    # Products in the queries' dtype, except those with u (float32 for the gated delta rule's corrected values).
+def _bwd_setup(q_ref, k_ref, u_ref, gc_ref, gr_ref, do_ref, scale, precision):
+    """What both halves of the backward read: q, k, u, dO (in the products' dtypes), G, M, dA and the product and
+    cast helpers. Products in the queries' dtype, except those with u (float32 for the gated delta rule's corrected
+    values)."""
     q, k, u = q_ref[...], k_ref[...], u_ref[...]
-    op = q.dtype
     cast = functools.partial(_operand, precision=precision)
-    do_u, do = cast(do_ref[...], u.dtype), cast(do_ref[...], op)
-    gc = gc_ref[...]
-    s = cast(s_ref[...], op)
     mm = functools.partial(dot, precision=precision)
+    do_u, do = cast(do_ref[...], u.dtype), cast(do_ref[...], q.dtype)
+    gc = gc_ref[...]
     m = decay_matrix(gc, gr_ref[...])
-    eg = jnp.exp(gc)
+    da = cast(scale * mm(do_u, u, tb=True) * m, q.dtype)
+    return q, k, u, do, gc, m, da, cast, mm
+
+
+def _last_row(gc):
+    """(mask of the chunk's last row [C, 1], G_C as (1, 1))."""
+    last = jax.lax.broadcasted_iota(jnp.int32, (gc.shape[0], 1), 0) == gc.shape[0] - 1
+    return last, jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)
+
+
+def _query_terms(q, k, s_ref, dnext_ref, do, gc, da, cast, mm, scale):
+    """dQ and its share of dG: Σ q·dq, and e^{G_C}⟨S, dS'⟩ on the last row."""
+    dq = mm(da, k) + scale * jnp.exp(gc) * mm(do, cast(s_ref[...], q.dtype), tb=True)
+    last, g_end = _last_row(gc)
+    d_end = jnp.exp(g_end) * tile_sum(s_ref[...].astype(f32) * dnext_ref[...].astype(f32))
+    return dq, jnp.sum(q.astype(f32) * dq, axis=-1, keepdims=True) + jnp.where(last, d_end, 0)
+
+
+def _key_terms(q, k, u, dnext_ref, do, gc, m, da, cast, mm, scale):
+    """dK, dU (state-update terms included) and their share of dG: −Σ k·dk, and Σ_s k_s·(state part of dk_s) on
+    the last row."""
     a = mm(q, k, tb=True) * m
-    da = cast(scale * mm(do_u, u, tb=True) * m, op)
-    dq = mm(da, k) + scale * eg * mm(do, s, tb=True)
-    dk = mm(da, q, ta=True)
-    du = scale * mm(cast(a, op), do, ta=True)
-    q32, k32 = q.astype(f32), k.astype(f32)
-    dg = jnp.sum(q32 * dq, axis=-1, keepdims=True)
-    c = gc.shape[0]
-    last = jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) == c - 1
-    g_end = jnp.sum(jnp.where(last, gc, 0), axis=0, keepdims=True)  # G_C as (1, 1)
+    last, g_end = _last_row(gc)
     to_end = jnp.exp(g_end - gc)
     dnext = dnext_ref[...]
     dk_state = to_end * mm(u, cast(dnext, u.dtype), tb=True)
-    du = du + to_end * mm(k, cast(dnext, op))
-    d_end = tile_sum(k32 * dk_state) + jnp.exp(g_end) * tile_sum(s_ref[...].astype(f32) * dnext.astype(f32))
-    dk = dk + dk_state
-    dg = dg + jnp.where(last, d_end, 0)
+    du = scale * mm(cast(a, q.dtype), do, ta=True) + to_end * mm(k, cast(dnext, q.dtype))
+    dk = mm(da, q, ta=True) + dk_state
+    k32 = k.astype(f32)
+    return dk, du, jnp.where(last, tile_sum(k32 * dk_state), 0) - jnp.sum(k32 * dk, axis=-1, keepdims=True)
+
+
+def _bwd_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, dq_ref, dk_ref, du_ref, dg_ref,
+                *dw_ref, scale, precision):
+    q, k, u, do, gc, m, da, cast, mm = _bwd_setup(q_ref, k_ref, u_ref, gc_ref, gr_ref, do_ref, scale, precision)
+    dq, dg_q = _query_terms(q, k, s_ref, dnext_ref, do, gc, da, cast, mm, scale)
+    dk, du, dg_k = _key_terms(q, k, u, dnext_ref, do, gc, m, da, cast, mm, scale)
     if dw_ref:  # u = ũ − W S (gated delta rule): dW = −dU Sᵀ
-        dw_ref[0][...] = (-mm(du.astype(op), s, tb=True)).astype(dw_ref[0].dtype)
+        dw_ref[0][...] = (-mm(du.astype(q.dtype), cast(s_ref[...], q.dtype), tb=True)).astype(dw_ref[0].dtype)
     dq_ref[...] = dq.astype(dq_ref.dtype)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     du_ref[...] = du.astype(du_ref.dtype)
-    dg_ref[...] = dg - jnp.sum(k32 * dk, axis=-1, keepdims=True)
+    dg_ref[...] = dg_q + dg_k
+
+
+def _bwd_query_kernel(q_ref, k_ref, u_ref, s_ref, gc_ref, gr_ref, do_ref, dnext_ref, dq_ref, dg_ref, *, scale,
+                      precision):
+    """_bwd_kernel's dQ half (output_backward's split)."""
+    q, k, _, do, gc, _, da, cast, mm = _bwd_setup(q_ref, k_ref, u_ref, gc_ref, gr_ref, do_ref, scale, precision)
+    dq, dg_ref[...] = _query_terms(q, k, s_ref, dnext_ref, do, gc, da, cast, mm, scale)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _bwd_key_kernel(q_ref, k_ref, u_ref, gc_ref, gr_ref, do_ref, dnext_ref, dk_ref, du_ref, dg_ref, *, scale,
+                    precision):
+    """_bwd_kernel's dK, dU half (output_backward's split)."""
+    q, k, u, do, gc, m, da, cast, mm = _bwd_setup(q_ref, k_ref, u_ref, gc_ref, gr_ref, do_ref, scale, precision)
+    dk, du, dg_ref[...] = _key_terms(q, k, u, dnext_ref, do, gc, m, da, cast, mm, scale)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    du_ref[...] = du.astype(du_ref.dtype)
 
 
 def chunk_tile(x, heads=None):
@@ -160,15 +195,27 @@ def output_backward(backend: Backend, q, k, u, starts, prefix, do, dnext, scale,
     the others come in their inputs' layouts and dtypes (grad_dtype, when given), per head of u for grouped q, k
     (the caller sums each group).
     """
-    kernel = functools.partial(_bwd_kernel, scale=scale, precision=backend.precision(exact))
-    warps, stages = TRITON["bwd_dw" if with_dw else "bwd"]
+    precision = backend.precision(exact)
     like = lambda x: jax.ShapeDtypeStruct((*u.shape[:-1], x.shape[-1]), grad_dtype or x.dtype)
-    out_shape = [like(q), like(k), like(u), jax.ShapeDtypeStruct((*prefix.shape, 1), f32)] + [like(k)] * with_dw
+    dg = jax.ShapeDtypeStruct((*prefix.shape, 1), f32)
     ins = (q, k, u, starts, *decay_views(prefix), do, dnext)
-    outs = backend.call(kernel, grid=chunk_grid(u), in_specs=[chunk_tile(x, _heads(u)) for x in ins],
-                        out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
-                        semantics=("parallel", "parallel"), num_warps=warps, num_stages=stages,
-                        name="chunk_output_bwd")(*ins)
+
+    def call(kernel, ins, out_shape, name):
+        warps, stages = TRITON[name]
+        return backend.call(functools.partial(kernel, scale=scale, precision=precision), grid=chunk_grid(u),
+                            in_specs=[chunk_tile(x, _heads(u)) for x in ins],
+                            out_specs=[chunk_tile(x) for x in out_shape], out_shape=out_shape,
+                            semantics=("parallel", "parallel"), num_warps=warps, num_stages=stages,
+                            name=f"chunk_output_{name}")(*ins)
+
+    if exact and not with_dw:
+        # Two kernels (dQ; dK and dU) where the queries are float32 (GKA's read-out at the bf16x3 level): the one
+        # kernel spilled there (ptxas: 1.5 KB of stack at 8 warps).
+        dq, dg_q = call(_bwd_query_kernel, ins, [like(q), dg], "bwd_q")
+        dk, du, dg_k = call(_bwd_key_kernel, ins[:3] + ins[4:], [like(k), like(u), dg], "bwd_k")
+        return dq, dk, du, (dg_q + dg_k)[..., 0], None
+    outs = call(_bwd_kernel, ins, [like(q), like(k), like(u), dg] + [like(k)] * with_dw,
+                "bwd_dw" if with_dw else "bwd")
     dq, dk, du, dg = outs[:4]
     return dq, dk, du, dg[..., 0], (outs[4] if with_dw else None)
 
